@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs what it needs.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+# The CPU wheel of torch lies here on our machines; elsewhere pip takes torch==2.13.0 from the index.
+PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: install data demo test lint up dvc-repro clean
+
+$(BIN)/shrinkflow: pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "Python 3.11 is needed (set PY=/path/to/python3.11)"; exit 1; }
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(PIP_FLAGS) --upgrade pip
+	$(BIN)/pip install -q $(PIP_FLAGS) "torch==2.13.0"
+	$(BIN)/pip install -q $(PIP_FLAGS) -e ".[dev]"
+	touch $@
+
+install: $(BIN)/shrinkflow
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist: installed when we are root, else we say how.
+data:
+	@if [ ! -f $(FASHION_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
+	  else \
+	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; \
+	  fi; \
+	fi
+
+demo: install data
+	$(BIN)/shrinkflow run fashion_resnet
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+up: install
+	$(BIN)/shrinkflow up
+
+dvc-repro: install
+	$(BIN)/dvc repro
+
+clean:
+	rm -rf .shrinkflow

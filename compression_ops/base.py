@@ -1,0 +1,110 @@
+"""The one verb: `apply(model, config, data)`. A config is a validated dataclass; a plan is a list of them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+# Every config class by its op name (for plans in JSON); filled by OpConfig.__init_subclass__.
+_CONFIGS: dict[str, type] = {}
+
+
+class OpConfigError(ValueError):
+    """A compression config with a value out of range; the message names the field and the range."""
+
+
+@dataclasses.dataclass
+class OpConfig:
+    """Base of every op config: validates on construction and round-trips through JSON."""
+
+    op: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.op:
+            _CONFIGS[cls.op] = cls
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden by ops with constraints
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass
+class OpResult:
+    """What an op did: the new model and a small JSON-able report."""
+
+    model: nn.Module
+    report: dict[str, Any]
+
+
+OpFn = Callable[[nn.Module, Any, Any], OpResult]
+_OPS: dict[str, OpFn] = {}
+
+
+def register_op(config_cls: type[OpConfig]) -> Callable[[OpFn], OpFn]:
+    """Decorator binding a config class to the function that applies it."""
+
+    def deco(fn: OpFn) -> OpFn:
+        _OPS[config_cls.op] = fn
+        return fn
+
+    return deco
+
+
+def apply(model: nn.Module, config: OpConfig, data: Any = None) -> OpResult:
+    """Apply one compression op; `data` is whatever the op needs (example input, calibration batches)."""
+    if config.op not in _OPS:
+        raise OpConfigError(f"{type(config).__name__} is not applied with apply(): it configures fine-tuning")
+    return _OPS[config.op](model, config, data)
+
+
+def config_from_dict(d: dict[str, Any]) -> OpConfig:
+    """Rebuild a config from its JSON form ({"op": name, ...fields})."""
+    d = dict(d)
+    name = d.pop("op", None)
+    if name not in _CONFIGS:
+        raise OpConfigError(f"unknown op {name!r}; known: {', '.join(sorted(_CONFIGS))}")
+    cls = _CONFIGS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+        raise OpConfigError(f"op {name!r} has no field(s) {sorted(unknown)}; fields: {sorted(fields)}")
+    return cls(**d)
+
+
+def check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise OpConfigError(f"{name}={value!r} is out of range: expected a value in {lb}{lo}, {hi}{rb}")
+
+
+@dataclasses.dataclass
+class OpData:
+    """What ops may need besides the model: an example input and a few labelled batches."""
+
+    example: torch.Tensor
+    batches: Batches | None = None
+    max_batches: int = 8
+
+    def limited(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.batches is None:
+            return []
+        out = []
+        for i, b in enumerate(self.batches):
+            if i >= self.max_batches:
+                break
+            out.append(b)
+        return out

@@ -1,0 +1,122 @@
+"""Training and fine-tuning loops, with optional distillation from a teacher. No I/O: callers observe
+progress through `wrap_epoch` (e.g. a progress bar) and `on_epoch` (e.g. metric logging)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression_ops.base import Batches, check_range
+from compression_ops.distill import Distill, kd_loss
+
+
+@dataclasses.dataclass
+class TrainSpec:
+    epochs: int
+    lr: float
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    label_smoothing: float = 0.0
+    schedule: str = "cosine"  # "onecycle" from scratch (warm-up), "cosine" for fine-tuning
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, 0, 10_000)
+        check_range("lr", self.lr, 0.0, 10.0, lo_open=True)
+        if self.schedule not in ("cosine", "onecycle"):
+            raise ValueError(f"schedule={self.schedule!r}: expected 'cosine' or 'onecycle'")
+
+
+def _to_cl(x: torch.Tensor) -> torch.Tensor:
+    # channels_last halves conv time on CPU for these small networks (measured, oneDNN).
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def evaluate(model: nn.Module, batches: Batches) -> dict[str, float]:
+    """Top-1 accuracy in percent and mean cross-entropy."""
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    with torch.inference_mode():
+        for x, y in batches:
+            out = model(_to_cl(x))
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            total += len(y)
+    if total == 0:
+        raise ValueError("evaluate() got no batches")
+    return {"accuracy": 100.0 * correct / total, "loss": loss / total, "n": total}
+
+
+def fit(
+    model: nn.Module,
+    train: Batches,
+    spec: TrainSpec,
+    *,
+    teacher: nn.Module | None = None,
+    distill: Distill | None = None,
+    val: Batches | None = None,
+    wrap_epoch: Callable[[Iterable, int], Iterable] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], Any] | None = None,
+) -> list[dict[str, float]]:
+    """Train `model` in place with SGD + Nesterov; distil from `teacher` when both it and `distill` are given.
+
+    Returns one dict per epoch (train loss, train accuracy, val accuracy when `val` is given).
+    """
+    if spec.epochs == 0:
+        return []
+    torch.manual_seed(spec.seed)
+    use_kd = teacher is not None and distill is not None
+    model.to(memory_format=torch.channels_last)
+    if use_kd:
+        teacher.eval().to(memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr,
+        momentum=spec.momentum,
+        nesterov=True,
+    )
+    steps = spec.epochs * len(train)  # type: ignore[arg-type]
+    if spec.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=steps, pct_start=0.2)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    history = []
+    for epoch in range(spec.epochs):
+        model.train()
+        seen = correct = 0
+        total_loss = 0.0
+        it = wrap_epoch(train, epoch) if wrap_epoch else train
+        for x, y in it:
+            x = _to_cl(x)
+            out = model(x)
+            if use_kd:
+                with torch.no_grad():
+                    t_out = teacher(x)
+                loss = kd_loss(out, t_out, y, distill, spec.label_smoothing)
+            else:
+                loss = F.cross_entropy(out, y, label_smoothing=spec.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            total_loss += float(loss.detach()) * len(y)
+            correct += int((out.argmax(1) == y).sum())
+        row = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": 100.0 * correct / seen}
+        if val is not None:
+            row["val_accuracy"] = evaluate(model, val)["accuracy"]
+        history.append(row)
+        if on_epoch:
+            on_epoch(epoch + 1, row)
+    model.to(memory_format=torch.contiguous_format)
+    model.eval()
+    return history

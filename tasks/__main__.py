@@ -1,0 +1,34 @@
+"""`python -m tasks <stage> --pipeline NAME [--run-id ID]`: one stage, as DVC and Airflow run it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tasks.errors import ShrinkflowError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.stages import STAGES
+
+    p = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--pipeline", required=True)
+    p.add_argument("--run-id", default="dvc", help="run id (default 'dvc': the folder dvc.yaml declares)")
+    p.add_argument("--config", help="pipelines file (default ./pipelines.yaml)")
+    p.add_argument("--workspace", help="artifact folder (default ./.shrinkflow)")
+    args = p.parse_args(argv)
+    from tasks.stages import run_stage
+
+    try:
+        result = run_stage(args.stage, args.pipeline, args.run_id, config_path=args.config, workspace=args.workspace)
+    except ShrinkflowError as e:
+        print(f"shrinkflow: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The `shrinkflow` command: run pipelines through Airflow, list them, show runs, run single stages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tasks.errors import ShrinkflowError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tasks.config import load_pipeline
+    from tasks.workspace import new_run_id, run_paths
+
+    load_pipeline(args.pipeline, args.config)  # a bad name or file fails here, before any work
+    run_id = args.run_id or new_run_id()
+    if args.no_airflow:
+        from tasks.stages import STAGES, run_stage
+
+        for stage in STAGES:
+            run_stage(stage, args.pipeline, run_id, config_path=args.config, workspace=args.workspace)
+    else:
+        from tasks.orchestrate import run_pipeline
+
+        run_pipeline(args.pipeline, run_id, config_path=args.config, workspace=args.workspace)
+    from tasks.report import print_run_summary
+
+    print_run_summary(run_paths(args.pipeline, run_id, args.workspace))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from tasks.config import load_pipelines
+    from tasks.workspace import list_runs
+
+    pipelines = load_pipelines(args.config)
+    print("Pipelines (pipelines.yaml):")
+    for name, cfg in pipelines.items():
+        goal = cfg.goal
+        goal_s = f"{goal.speedup}x fewer {goal.metric}, " if goal.speedup else ""
+        print(f"  {name:20s} {cfg.data.source} / {cfg.model.name or cfg.model.factory}; goal: {goal_s}"
+              f"<= {goal.max_accuracy_drop} pt drop; targets {', '.join(cfg.targets)}")
+    runs = list_runs(args.workspace)
+    print(f"\nRuns ({len(runs)}):" if runs else "\nNo runs yet: shrinkflow run <pipeline>")
+    for r in runs:
+        state = r.read_state()
+        done = list(state.get("stages", {}))
+        fin = state.get("stages", {}).get("finetune", {})
+        goal = "" if not fin else ("goal met" if fin.get("goal_met") else "goal NOT met")
+        print(f"  {r.pipeline}/{r.run_id}: {len(done)}/7 stages {goal}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from tasks.errors import StageError
+    from tasks.report import print_run_summary
+    from tasks.workspace import list_runs
+
+    matches = [r for r in list_runs(args.workspace) if args.run in (r.run_id, f"{r.pipeline}/{r.run_id}")]
+    if args.run in ("last", "latest"):
+        matches = list_runs(args.workspace)[-1:]
+    if not matches:
+        raise StageError(f"no run {args.run!r} in the workspace; `shrinkflow list` shows the runs")
+    print_run_summary(matches[-1])
+    return 0
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from tasks.stages import run_stage
+
+    result = run_stage(
+        args.stage, args.pipeline, args.run_id, config_path=args.config, workspace=args.workspace
+    )
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from tasks.orchestrate import up
+
+    up(args.workspace)
+    return 0
+
+
+def _cmd_airflow(args: argparse.Namespace) -> int:
+    """Run the airflow CLI with shrinkflow's embedded settings (e.g. `shrinkflow airflow dags list`)."""
+    import os
+    import subprocess
+
+    from tasks.orchestrate import airflow_env
+    from tasks.workspace import workspace_root
+
+    env = {**os.environ, **airflow_env(workspace_root(args.workspace))}
+    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
+    return subprocess.call([airflow, *args.rest], env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shrinkflow", description=__doc__)
+    p.add_argument("--config", help="pipelines file (default: ./pipelines.yaml or $SHRINKFLOW_PIPELINES)")
+    p.add_argument("--workspace", help="artifact folder (default: ./.shrinkflow or $SHRINKFLOW_HOME)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a pipeline end to end through its Airflow DAG (in-process)")
+    r.add_argument("pipeline")
+    r.add_argument("--run-id", help="reuse or name a run (default: a new timestamped id)")
+    r.add_argument("--no-airflow", action="store_true", help="call the stages directly, without Airflow")
+    r.set_defaults(fn=_cmd_run)
+
+    sub.add_parser("list", help="pipelines declared and runs in the workspace").set_defaults(fn=_cmd_list)
+
+    s = sub.add_parser("show", help="the summary table and paths of a run ('last' for the newest)")
+    s.add_argument("run")
+    s.set_defaults(fn=_cmd_show)
+
+    st = sub.add_parser("stage", help="run one stage (what DVC and Airflow call)")
+    st.add_argument("stage")
+    st.add_argument("--pipeline", required=True)
+    st.add_argument("--run-id", required=True)
+    st.set_defaults(fn=_cmd_stage)
+
+    sub.add_parser("up", help="start the Airflow and MLflow UIs on 127.0.0.1").set_defaults(fn=_cmd_up)
+
+    a = sub.add_parser("airflow", help="the airflow CLI with shrinkflow's settings, e.g. `airflow dags list`")
+    a.add_argument("rest", nargs=argparse.REMAINDER)
+    a.set_defaults(fn=_cmd_airflow)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ShrinkflowError as e:
+        print(f"shrinkflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shrinkflow: interrupted", file=sys.stderr)
+        return 130
+
+

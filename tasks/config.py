@@ -1,0 +1,180 @@
+"""The schema of pipelines.yaml: what a user declares, validated before any work starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import ConfigError, UnknownPipelineError
+
+DEFAULT_PIPELINES_FILE = "pipelines.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    source: Literal["fashion_mnist", "digits", "image_folder", "synthetic"]
+    path: str | None = Field(None, description="folder for image_folder / fashion_mnist")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="only for sources without a test split")
+    train_subset: int | None = Field(None, gt=0, description="use only this many training images")
+    image_size: int | None = Field(None, gt=0, description="image_folder: resize to this square size")
+    grayscale: bool = True
+    num_classes: int = Field(10, gt=1, description="synthetic only")
+    num_samples: int = Field(600, gt=0, description="synthetic only")
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    name: str | None = Field(None, description="a model from the zoo, e.g. resnet8 or mobilenet_tiny")
+    factory: str | None = Field(None, description="a user model as 'module:function'")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="weights of a user model (.pt state_dict or .safetensors)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'name' (a zoo model) or 'factory' ('module:function')")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"factory {self.factory!r} must look like 'package.module:function'")
+        return self
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = False
+    seed: int = 0
+
+
+class GoalConfig(_Strict):
+    speedup: float | None = Field(None, gt=1, description="how many times faster (or fewer MACs)")
+    metric: Literal["macs", "latency"] = "macs"
+    max_accuracy_drop: float = Field(0.5, ge=0, description="in accuracy points (percent)")
+
+
+class DistillConfig(_Strict):
+    enabled: bool = True
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the KD term; 1-alpha on the labels")
+
+
+class CompressionConfig(_Strict):
+    ops: list[Literal["channel_prune"]] = Field(default_factory=lambda: ["channel_prune"])
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    ratio: float | None = Field(None, gt=0, lt=1, description="pin a pruning ratio instead of solving for the goal")
+
+
+class FinetuneConfig(_Strict):
+    epochs: int = Field(5, ge=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.02, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+class SearchConfig(_Strict):
+    n_trials: int = Field(0, ge=0, description="0: solve the goal directly, no search")
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    storage: str | None = None
+
+
+class BenchmarkConfig(_Strict):
+    batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 32])
+    warmup: int = Field(20, ge=0)
+    repeat: int = Field(100, gt=0)
+    threads: int = Field(2, gt=0)
+    engines: list[Literal["pytorch", "tvm", "onnxruntime"]] = Field(
+        default_factory=lambda: ["pytorch", "tvm", "onnxruntime"]
+    )
+
+
+class PipelineConfig(_Strict):
+    name: str = ""
+    description: str = ""
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    goal: GoalConfig = Field(default_factory=GoalConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    targets: list[str] = Field(default_factory=lambda: ["host"])
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    schedule: str | None = Field(None, description="Airflow schedule, e.g. '@daily'; none: manual runs only")
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("targets")
+    @classmethod
+    def _some_target(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one target device (see infra/devices.yaml), e.g. [host]")
+        return v
+
+
+class PipelinesFile(_Strict):
+    pipelines: dict[str, PipelineConfig]
+
+    @model_validator(mode="after")
+    def _names(self) -> PipelinesFile:
+        for name, cfg in self.pipelines.items():
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"pipeline name {name!r}: use letters, digits, '_' and '-' only")
+            cfg.name = name
+        return self
+
+
+def pipelines_path(path: str | os.PathLike | None = None) -> Path:
+    """The pipelines file: the argument, $SHRINKFLOW_PIPELINES, or ./pipelines.yaml."""
+    return Path(path or os.environ.get("SHRINKFLOW_PIPELINES") or DEFAULT_PIPELINES_FILE)
+
+
+def _format_validation_error(err: ValidationError, path: Path) -> str:
+    lines = [f"{path} is not a valid pipelines file:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        got = e.get("input")
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        lines.append(f"  - {loc}: {e['msg']}{shown}")
+    lines.append("Fix these fields; the schema lives in tasks/config.py.")
+    return "\n".join(lines)
+
+
+def load_pipelines(path: str | os.PathLike | None = None) -> dict[str, PipelineConfig]:
+    """Read and validate every pipeline in the file."""
+    p = pipelines_path(path)
+    if not p.is_file():
+        raise ConfigError(f"pipelines file {p} not found: run from the project folder or set SHRINKFLOW_PIPELINES")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}. Fix the syntax there.") from e
+    if not isinstance(raw, dict) or "pipelines" not in raw:
+        raise ConfigError(f"{p} must be a mapping with a top-level 'pipelines:' key")
+    try:
+        return PipelinesFile.model_validate(raw).pipelines
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, p)) from e
+
+
+def load_pipeline(name: str, path: str | os.PathLike | None = None) -> PipelineConfig:
+    """One pipeline by name, with a clear error listing the known names."""
+    pipelines = load_pipelines(path)
+    if name not in pipelines:
+        known = ", ".join(sorted(pipelines)) or "(none)"
+        raise UnknownPipelineError(
+            f"unknown pipeline {name!r}; {pipelines_path(path)} declares: {known}. "
+            "Pick one of these or add it to the file."
+        )
+    return pipelines[name]

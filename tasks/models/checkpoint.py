@@ -1,0 +1,137 @@
+"""Model checkpoints that survive structural compression and load with torch.load(weights_only=True).
+
+A checkpoint names the architecture (zoo name or user factory + kwargs), records the shape of each
+Conv/Linear/BatchNorm layer (pruning changes them), and holds a plain state_dict. Loading rebuilds the
+architecture, resizes layers to the recorded shapes, then loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.errors import ArtifactError, ModelLoadError
+from tasks.models.user import build_arch
+
+FORMAT = "shrinkflow.checkpoint/1"
+
+
+def structure_of(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Channel counts of every layer whose shape pruning can change."""
+    out: dict[str, dict[str, int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.Linear):
+            out[name] = {"in": m.in_features, "out": m.out_features}
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            out[name] = {"num_features": m.num_features}
+    return out
+
+
+def apply_structure(model: nn.Module, structure: dict[str, dict[str, int]]) -> nn.Module:
+    """Resize layers in place to the recorded shapes; weights are left for load_state_dict to fill."""
+    modules = dict(model.named_modules())
+    for name, s in structure.items():
+        m = modules.get(name)
+        if m is None:
+            raise ModelLoadError(f"checkpoint layer {name!r} does not exist in the rebuilt model")
+        if isinstance(m, nn.Conv2d):
+            m.in_channels, m.out_channels, m.groups = s["in"], s["out"], s["groups"]
+            m.weight = nn.Parameter(torch.empty(s["out"], s["in"] // s["groups"], *m.kernel_size))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(s["out"]))
+        elif isinstance(m, nn.Linear):
+            m.in_features, m.out_features = s["in"], s["out"]
+            m.weight = nn.Parameter(torch.empty(s["out"], s["in"]))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(s["out"]))
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            n = s["num_features"]
+            m.num_features = n
+            if m.affine:
+                m.weight, m.bias = nn.Parameter(torch.empty(n)), nn.Parameter(torch.empty(n))
+            if m.track_running_stats:
+                m.running_mean, m.running_var = torch.zeros(n), torch.ones(n)
+    return model
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: Path,
+    *,
+    arch: dict[str, Any],
+    input_shape: list[int],
+    num_classes: int,
+    meta: dict[str, Any] | None = None,
+) -> int:
+    """Write atomically; return the file size in bytes."""
+    payload = {
+        "format": FORMAT,
+        "arch": arch,
+        "input_shape": list(input_shape),
+        "num_classes": int(num_classes),
+        "structure": structure_of(model),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta or {},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes, in eval mode; return (model, payload without weights)."""
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint {path} not found; run the stage that writes it")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a bad file
+        raise ArtifactError(f"checkpoint {path} is corrupt or not a shrinkflow checkpoint ({e}); re-run its stage") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a {FORMAT} checkpoint; re-run the stage that writes it")
+    in_channels = payload["input_shape"][0]
+    model = build_arch(payload["arch"], in_channels=in_channels, num_classes=payload["num_classes"])
+    apply_structure(model, payload["structure"])
+    load_weights_strict(model, payload["state_dict"], source=str(path))
+    model.eval()
+    info = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, info
+
+
+def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a message that lists what does not match, and how to fix it."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append("shape mismatches " + "; ".join(shapes[:5]))
+        raise ModelLoadError(
+            f"weights in {source} do not match the model: {', '.join(parts)}. "
+            "Check that model.name/factory and model.kwargs in pipelines.yaml are the ones the weights were "
+            "trained with."
+        )
+    model.load_state_dict(state, strict=True)

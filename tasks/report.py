@@ -1,0 +1,83 @@
+"""The run summary: base vs compressed, as a table for the terminal, a Markdown report and MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.tracking import tracking_uri
+from tasks.workspace import RunPaths, read_json
+
+
+def _fmt_int(v: float) -> str:
+    return f"{v / 1e6:.2f} M" if v >= 1e6 else f"{v / 1e3:.1f} k" if v >= 1e3 else f"{v:.0f}"
+
+
+def summary_rows(paths: RunPaths) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (metric, base, compressed, ratio) from the stages' outputs."""
+    base = read_json(paths.require("train_base", "metrics.json"))
+    comp = read_json(paths.require("finetune", "metrics.json"))
+    rows: list[list[str]] = [
+        ["top-1 accuracy (test, %)", f"{base['test_accuracy']:.2f}", f"{comp['test_accuracy']:.2f}",
+         f"{comp['test_accuracy'] - base['test_accuracy']:+.2f} pt"],
+    ]
+    for key, label in (("params", "parameters"), ("macs", "MACs / image"), ("bytes", "state_dict bytes")):
+        rows.append([label, _fmt_int(base[key]), _fmt_int(comp[key]), f"{base[key] / max(comp[key], 1):.2f}x smaller"])
+    bench = paths.stage_dir("benchmark") / "latency.json"
+    if bench.exists():
+        lat = read_json(bench)
+        for r in lat["pairs"]:
+            rows.append([
+                f"latency {r['engine']} {r['target']} b{r['batch']} (ms, median)",
+                f"{r['base_ms']:.3f}",
+                f"{r['compressed_ms']:.3f}",
+                f"{r['speedup']:.2f}x faster",
+            ])
+    return ["", "base", "compressed", "ratio"], rows
+
+
+def render_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def render_markdown(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def where_to_look(paths: RunPaths) -> list[str]:
+    uri = tracking_uri(paths)
+    lines = [f"artifacts: {paths.run_dir}"]
+    if uri.startswith("sqlite:///"):
+        lines.append(f"MLflow:    mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (or: make up)")
+    else:
+        lines.append(f"MLflow:    {uri}")
+    return lines
+
+
+def goal_line(paths: RunPaths) -> str:
+    comp = read_json(paths.require("finetune", "metrics.json"))
+    verdict = "MET" if comp["goal_met"] else "NOT MET"
+    return (f"goal {verdict}: {comp['macs_reduction']:.2f}x fewer MACs, accuracy drop "
+            f"{comp['accuracy_drop']:+.2f} pt")
+
+
+def print_run_summary(paths: RunPaths) -> None:
+    state: dict[str, Any] = paths.read_state()
+    print(f"\nshrinkflow run {paths.pipeline}/{paths.run_id}: {len(state.get('stages', {}))}/7 stages done")
+    if (paths.stage_dir("finetune") / "metrics.json").exists():
+        print(render_table(*summary_rows(paths)))
+        print(goal_line(paths))
+    for line in where_to_look(paths):
+        print(line)
+
+
+def write_report(paths: RunPaths, dest: Path) -> None:
+    header, rows = summary_rows(paths)
+    text = [f"# shrinkflow run {paths.pipeline}/{paths.run_id}", "", goal_line(paths), "", render_markdown(header, rows), ""]
+    dest.write_text("\n".join(text))

@@ -1,0 +1,180 @@
+"""MLflow: one experiment per pipeline, a parent run per pipeline run, one child run per stage.
+
+Children point at the parent with the `mlflow.parentRunId` tag, so stages running in different
+processes (Airflow workers) still nest. Re-running a stage replaces its child run: one child per stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks.workspace import RunPaths
+
+TAG_RUN = "shrinkflow.run_id"
+TAG_STAGE = "shrinkflow.stage"
+TAG_PIPELINE = "shrinkflow.pipeline"
+
+
+def tracking_uri(paths: RunPaths) -> str:
+    """$MLFLOW_TRACKING_URI (a server, PostgreSQL) or SQLite in the workspace."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
+
+
+def _client(paths: RunPaths):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(paths)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(paths: RunPaths) -> str:
+    client = _client(paths)
+    name = f"shrinkflow/{paths.pipeline}"
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (paths.mlflow_artifacts / paths.pipeline).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # another worker created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def parent_run_id(paths: RunPaths, tags: dict[str, str] | None = None) -> str:
+    """The pipeline run's parent MLflow run, created on first use."""
+    client = _client(paths)
+    exp = experiment_id(paths)
+    found = client.search_runs(
+        [exp], filter_string=f"tags.`{TAG_RUN}` = '{paths.run_id}' and tags.`{TAG_STAGE}` = 'pipeline'"
+    )
+    if found:
+        rid = found[0].info.run_id
+        for k, v in (tags or {}).items():
+            client.set_tag(rid, k, v)
+        return rid
+    run = client.create_run(
+        exp,
+        run_name=f"{paths.pipeline}:{paths.run_id}",
+        tags={
+            TAG_RUN: paths.run_id,
+            TAG_STAGE: "pipeline",
+            TAG_PIPELINE: paths.pipeline,
+            "git_commit": git_commit(),
+            **(tags or {}),
+        },
+    )
+    return run.info.run_id
+
+
+class StageRun:
+    """A child run: thin wrapper so stages log without knowing MLflow's API."""
+
+    def __init__(self, client, run_id: str, parent_id: str):
+        self.client, self.run_id, self.parent_id = client, run_id, parent_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = _flatten(params)
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        rows = [Metric(k, float(v), ts, step or 0) for k, v in _flatten(metrics).items() if _is_number(v)]
+        if rows:
+            self.client.log_batch(self.run_id, metrics=rows)
+
+    def tags(self, tags: dict[str, str], on_parent: bool = False) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.parent_id if on_parent else self.run_id, k, str(v))
+
+    def artifact(self, path: Path, artifact_path: str | None = None, on_parent: bool = False) -> None:
+        rid = self.parent_id if on_parent else self.run_id
+        if path.is_dir():
+            self.client.log_artifacts(rid, str(path), artifact_path)
+        else:
+            self.client.log_artifact(rid, str(path), artifact_path)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(paths: RunPaths, stage: str, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+    """Open the stage's child run (replacing one from an earlier attempt); mark it and the parent on exit."""
+    client = _client(paths)
+    parent = parent_run_id(paths, tags)
+    exp = experiment_id(paths)
+    old = client.search_runs(
+        [exp], filter_string=f"tags.`{TAG_RUN}` = '{paths.run_id}' and tags.`{TAG_STAGE}` = '{stage}'"
+    )
+    for r in old:
+        client.delete_run(r.info.run_id)
+    run = client.create_run(
+        exp,
+        run_name=stage,
+        tags={
+            "mlflow.parentRunId": parent,
+            TAG_RUN: paths.run_id,
+            TAG_STAGE: stage,
+            TAG_PIPELINE: paths.pipeline,
+            **(tags or {}),
+        },
+    )
+    sr = StageRun(client, run.info.run_id, parent)
+    try:
+        yield sr
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        client.set_terminated(parent, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def finish_parent(paths: RunPaths, status: str = "FINISHED") -> None:
+    client = _client(paths)
+    client.set_terminated(parent_run_id(paths), status)
+
+
+def runs_of(paths: RunPaths) -> list[Any]:
+    """Every live MLflow run (parent and children) of this pipeline run."""
+    client = _client(paths)
+    return client.search_runs([experiment_id(paths)], filter_string=f"tags.`{TAG_RUN}` = '{paths.run_id}'")
