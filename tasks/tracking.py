@@ -26,12 +26,10 @@ def tracking_uri(paths: RunPaths) -> str:
 
 
 def _client(paths: RunPaths):
-    import mlflow
+    # A client, not mlflow.set_tracking_uri: that call also exports MLFLOW_TRACKING_URI to the process.
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(paths)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=tracking_uri(paths), registry_uri=tracking_uri(paths))
 
 
 def experiment_id(paths: RunPaths) -> str:
@@ -41,7 +39,7 @@ def experiment_id(paths: RunPaths) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if tracking_uri(paths) == f"sqlite:///{paths.mlflow_db}":  # embedded default: artifacts beside the DB
         location = (paths.mlflow_artifacts / paths.pipeline).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)

@@ -1,0 +1,62 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compression_ops import Distill, OpConfigError, TrainSpec, evaluate, fit, kd_loss
+from tasks.config import DataConfig
+from tasks.data import build_dataset
+from tasks.data.loaders import Splits
+from tasks.models import create_model
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return Splits(build_dataset(DataConfig(source="synthetic", num_samples=600, num_classes=4)))
+
+
+def test_fit_learns(splits):
+    m = create_model("resnet8", in_channels=1, num_classes=4, width=8)
+    before = evaluate(m, splits.batches("val"))["accuracy"]
+    hist = fit(m, splits.batches("train", 32, train=True), TrainSpec(epochs=4, lr=0.05, schedule="onecycle"),
+               val=splits.batches("val"))
+    assert len(hist) == 4 and "val_accuracy" in hist[-1]
+    after = evaluate(m, splits.batches("test"))["accuracy"]
+    assert after > 85 and after > before
+
+
+def test_distillation_pulls_student_to_teacher(splits):
+    teacher = create_model("resnet8", in_channels=1, num_classes=4, width=8)
+    fit(teacher, splits.batches("train", 32, train=True), TrainSpec(epochs=4, lr=0.05, schedule="onecycle"))
+    student = create_model("resnet8", in_channels=1, num_classes=4, width=4)
+    x = splits.tensors["val"][0]
+
+    def gap(m):
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(m(x), 1), F.log_softmax(teacher(x), 1), log_target=True,
+                                  reduction="batchmean"))
+
+    g0 = gap(student.eval())
+    fit(student, splits.batches("train", 32, train=True), TrainSpec(epochs=3, lr=0.05), teacher=teacher,
+        distill=Distill(temperature=2.0, alpha=1.0))
+    assert gap(student) < g0 / 2
+
+
+def test_kd_loss_limits():
+    s = torch.randn(8, 5, requires_grad=True)
+    y = torch.randint(0, 5, (8,))
+    # alpha=0 is plain cross-entropy; a student equal to its teacher has zero soft loss
+    assert torch.isclose(kd_loss(s, s.detach() * 3, y, Distill(alpha=0.0)), F.cross_entropy(s, y))
+    assert float(kd_loss(s, s.detach(), y, Distill(alpha=1.0)).detach()) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(OpConfigError, match="alpha=1.5"):
+        Distill(alpha=1.5)
+    with pytest.raises(OpConfigError, match="temperature=0"):
+        Distill(temperature=0)
+
+
+def test_fit_zero_epochs_is_a_no_op(splits):
+    m = create_model("resnet8", in_channels=1, num_classes=4, width=8)
+    before = copy.deepcopy(m.state_dict())
+    assert fit(m, splits.batches("train", 32, train=True), TrainSpec(epochs=0, lr=0.1)) == []
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny pipelines file and an isolated workspace per test."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY_PIPELINES = textwrap.dedent(
+    """
+    pipelines:
+      synth:
+        data: {source: synthetic, num_samples: 400, image_size: 8, num_classes: 4}
+        model: {name: resnet8, kwargs: {width: 8}}
+        train: {epochs: 4, batch_size: 32, lr: 0.05}
+        goal: {speedup: 1.3, metric: macs, max_accuracy_drop: 50.0}
+        finetune: {epochs: 1, batch_size: 32, lr: 0.01}
+        benchmark: {batch_sizes: [1, 4], warmup: 1, repeat: 3, threads: 1}
+    """
+)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    ws = tmp_path / "ws"
+    monkeypatch.setenv("SHRINKFLOW_HOME", str(ws))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return ws
+
+
+@pytest.fixture
+def pipelines_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    p = tmp_path / "pipelines.yaml"
+    p.write_text(TINY_PIPELINES)
+    monkeypatch.setenv("SHRINKFLOW_PIPELINES", str(p))
+    return p
