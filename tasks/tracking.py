@@ -90,7 +90,7 @@ class StageRun:
     """A child run: thin wrapper so stages log without knowing MLflow's API."""
 
     def __init__(self, client, run_id: str, parent_id: str):
-        self.client, self.run_id, self.parent_id = client, run_id, parent_id
+        self.client, self.run_id, self.parent_id = client, run_id, parent_id  # client: an MlflowClient
 
     def params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
