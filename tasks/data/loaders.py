@@ -15,7 +15,7 @@ from tasks.data.dataset import Dataset
 
 
 def to_tensor(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
-    t = torch.from_numpy(x).float().div_(255.0)
+    t = torch.from_numpy(np.array(x)).float().div_(255.0)  # np.array copies: npz arrays are read-only
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return (t - m) / s
@@ -59,8 +59,8 @@ class TensorBatches:
         pad = 2
         b, _, h, w = x.shape
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=self.gen)
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=self.gen)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=self.gen).tolist()
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=self.gen).tolist()
         out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
         flip = torch.rand(b, generator=self.gen) < 0.5
         out[flip] = out[flip].flip(-1)
@@ -76,7 +76,7 @@ class Splits:
         self.mean, self.std = mean, std
         self.ds = ds
         self.tensors = {
-            s: (to_tensor(getattr(ds, f"x_{s}"), mean, std), torch.from_numpy(getattr(ds, f"y_{s}")).long())
+            s: (to_tensor(getattr(ds, f"x_{s}"), mean, std), torch.from_numpy(np.array(getattr(ds, f"y_{s}"))).long())
             for s in ("train", "val", "test")
         }
 

@@ -1,0 +1,226 @@
+"""Compile a PyTorch model with TVM Relax into one shared library, and load it back safely.
+
+Batch handling: one library with a dynamic batch dimension. The model is exported with
+`torch.export` and a symbolic batch `Dim` (the export example is the given example repeated to
+batch 2, because torch specializes a size-1 dimension to a constant). TVM 0.27 compiles the
+symbolic batch into every kernel: the batch loop is fused into each kernel's parallel loop, and all
+other extents stay constant, so the schedule is the same as a static build. The result is checked
+against PyTorch at every size in `batch_sizes` (1 and 32 by default) and the differences are stored
+in meta.json. One library means one artifact and one hash per model and target, and any batch size
+up to `max_batch` runs. No upper bound is given to TVM, because its memory planner would then
+reserve buffers for the largest batch.
+
+The Relax pipeline is `tvm_schedule.cpu_pipeline`: the standard CPU legalize/fold/fuse/lower passes,
+NHWC convolutions and a simple parallel+vectorized loop schedule (no tuning).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.engines.base import check_input, sha256_file
+from tasks.errors import ArtifactError, StageError
+
+LIBRARY = "model.so"
+META = "meta.json"
+# Debian packages that carry the cross compilers named in infra/devices.yaml.
+CROSS_COMPILER_PACKAGES = {
+    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+    "arm-linux-gnueabihf-gcc": "gcc-arm-linux-gnueabihf",
+    "riscv64-linux-gnu-gcc": "gcc-riscv64-linux-gnu",
+}
+_ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (e.g. znver4, skylake-avx512), so codegen uses all its features."""
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    return str(llvm_get_system_cpu())
+
+
+def resolve_target(target: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a TVM target dict with mcpu 'native' replaced by the host CPU name."""
+    resolved = dict(target)
+    if resolved.get("mcpu") == "native":
+        resolved["mcpu"] = host_cpu()
+    return resolved
+
+
+def runs_on_host(target: dict[str, Any]) -> bool:
+    """True when code for this target can be run (and checked) on this machine."""
+    triple = target.get("mtriple")
+    if target.get("kind", "llvm") != "llvm":
+        return False
+    if not triple:
+        return True
+    machine = platform.machine().lower()
+    return triple.split("-")[0] == _ARCH_ALIASES.get(machine, machine)
+
+
+def _export(model: Any, example: Any, max_batch: int) -> Any:
+    import torch
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=max_batch)
+    example2 = example[:1].repeat(2, *([1] * (example.dim() - 1)))
+    return torch.export.export(model, (example2,), dynamic_shapes=({0: batch},))
+
+
+def _output_names(ep: Any) -> list[str]:
+    from torch.export.graph_signature import OutputKind
+
+    return [str(s.arg.name) for s in ep.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+
+
+def _library_exporter(target: dict[str, Any], cross_compiler: str | None) -> Any:
+    """fcompile for export_library: the system compiler for the host, a cross gcc otherwise."""
+    if cross_compiler is None and not runs_on_host(target):
+        cross_compiler = f"{target['mtriple']}-gcc"
+    if cross_compiler is None:
+        return None
+    if shutil.which(cross_compiler) is None:
+        package = CROSS_COMPILER_PACKAGES.get(cross_compiler, "the cross gcc for this target")
+        raise StageError(
+            f"cannot link the TVM library for target {target.get('mtriple')}: cross compiler "
+            f"{cross_compiler!r} is not on PATH; install it (Debian: apt-get install {package})"
+        )
+    from tvm.support import cc
+
+    return cc.cross_compiler(cross_compiler)
+
+
+def build_tvm(
+    model: Any,
+    example: Any,
+    target: dict[str, Any],
+    out_dir: Path,
+    *,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    max_batch: int = 4096,
+    cross_compiler: str | None = None,
+) -> dict[str, Any]:
+    """Compile model to out_dir/model.so (+ meta.json); returns the meta, with max abs diff vs PyTorch."""
+    import torch
+    import tvm
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from tasks.engines.tvm_schedule import cpu_pipeline
+
+    if example.dim() < 2:
+        raise ValueError(f"example must be a batch (N, ...) of inputs, got shape {tuple(example.shape)}")
+    if max(batch_sizes) > max_batch:
+        raise ValueError(f"batch_sizes {batch_sizes} exceed max_batch={max_batch}")
+    target = resolve_target(target)
+    fcompile = _library_exporter(target, cross_compiler)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = example.detach().to(torch.float32).cpu()
+
+    ep = _export(model, example, max_batch)
+    mod = from_exported_program(ep, keep_params_as_input=False)
+    tvm_target = tvm.target.Target(target)
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+
+    # Write next to the final name and rename: a crash never leaves a half-written model.so.
+    lib_path = out_dir / LIBRARY
+    tmp_path = out_dir / (LIBRARY + ".tmp.so")
+    if fcompile is None:
+        executable.export_library(str(tmp_path))
+    else:
+        executable.export_library(str(tmp_path), fcompile=fcompile)
+    tmp_path.replace(lib_path)
+
+    diffs: dict[str, float] = {}
+    if runs_on_host(target):
+        runner = TVMRunner(lib_path, tuple([None, *example.shape[1:]]))
+        gen = torch.Generator().manual_seed(0)
+        for b in batch_sizes:
+            # The example's first row plus noise: real-looking values at every batch size checked.
+            x = example[:1].repeat(b, *([1] * (example.dim() - 1)))
+            x = x + 0.1 * torch.randn(x.shape, generator=gen)
+            with torch.inference_mode():
+                ref = model(x)
+            ref = ref[0] if isinstance(ref, tuple | list) else ref
+            diffs[str(b)] = float(np.max(np.abs(runner.run(x.numpy()) - ref.numpy())))
+
+    meta = {
+        "engine": "tvm",
+        "library": LIBRARY,
+        "sha256": sha256_file(lib_path),
+        "input_shape": [None, *[int(d) for d in example.shape[1:]]],
+        "input_dtype": "float32",
+        "batch": {"dynamic": True, "min": 1, "max": max_batch},
+        "output_names": _output_names(ep),
+        "target": target,
+        "tvm_version": tvm.__version__,
+        "torch_version": torch.__version__,
+        "pipeline": "shrinkflow cpu_pipeline (legalize+fuse, NHWC conv, parallel/vector schedule; untuned)",
+        "max_abs_diff": max(diffs.values()) if diffs else None,
+        "max_abs_diff_by_batch": diffs,
+        "verified_on_host": bool(diffs),
+    }
+    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+class TVMRunner:
+    """A compiled library in a Relax VM on the CPU; `.run(x)` takes float32 NCHW, returns logits."""
+
+    def __init__(self, lib_path: Path, input_shape: tuple[int | None, ...], max_batch: int | None = None):
+        import tvm
+        from tvm import relax
+
+        self.input_shape = tuple(input_shape)
+        self.max_batch = max_batch
+        self._lib_path = Path(lib_path)
+        self._tvm = tvm
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+        self._main = self._vm["main"]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a batch x of shape input_shape (any batch size up to max_batch)."""
+        x = check_input(x, self.input_shape, f"TVM library {self._lib_path}")
+        if self.max_batch is not None and x.shape[0] > self.max_batch:
+            raise ValueError(f"batch {x.shape[0]} exceeds the library's max batch {self.max_batch}")
+        out = self._main(self._tvm.runtime.tensor(x))
+        # Models return a tuple in Relax even for one output; the logits are its first element.
+        first = out[0] if not hasattr(out, "numpy") else out
+        return first.numpy()
+
+
+def load_tvm(out_dir: Path) -> TVMRunner:
+    """Load out_dir/model.so after checking meta.json and the library's sha256."""
+    out_dir = Path(out_dir)
+    meta_path, lib_path = out_dir / META, out_dir / LIBRARY
+    rerun = "re-run the compile stage to rebuild it"
+    if not meta_path.is_file():
+        raise ArtifactError(f"{meta_path} is missing: the TVM build did not finish; {rerun}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        input_shape = tuple(meta["input_shape"])
+        expected_sha = meta["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{meta_path} is unreadable ({e}); {rerun}") from e
+    if not lib_path.is_file():
+        raise ArtifactError(f"{lib_path} is missing; {rerun}")
+    if sha256_file(lib_path) != expected_sha:
+        raise ArtifactError(
+            f"{lib_path} does not match the sha256 in {meta_path} (corrupt or from another build); {rerun}"
+        )
+    if not runs_on_host(meta.get("target", {})):
+        raise ArtifactError(
+            f"{lib_path} was built for {meta['target'].get('mtriple')}, not this machine; "
+            "run it on that device (TVM RPC) or rebuild for the host"
+        )
+    try:
+        return TVMRunner(lib_path, input_shape, meta.get("batch", {}).get("max"))
+    except Exception as e:  # tvm raises its own error types for unloadable libraries
+        raise ArtifactError(f"TVM cannot load {lib_path} ({type(e).__name__}: {e}); {rerun}") from e

@@ -1,0 +1,189 @@
+"""An untuned but fast Relax pipeline for CPUs: NHWC convolutions plus a simple loop schedule.
+
+Without a schedule, TVM's legalized operators run as naive single-threaded loops (8-50x slower than
+PyTorch here), and TVM 0.27's DLight has CPU rules only for GEMV and softmax-like reductions.
+This module adds one generic rule, applied to every fused PrimFunc:
+
+* inline padding and elementwise producers into their consumer;
+* reductions (conv, matmul, mean): reorder loops to [spatial..] [reduction..] [block] [vector],
+  fuse the outer spatial loops (batch included) into one parallel loop, vectorize the innermost
+  spatial loop, and unroll a small block of a second spatial loop so each vector load feeds several
+  FMAs (register blocking); the fused epilogue (BN, residual add, ReLU) is computed under the same
+  parallel loop while its input is still in cache;
+* elementwise blocks: parallel outer loops, vectorized inner loop.
+
+Dense convolutions are converted to NHWC/HWIO first, so the output channel is the contiguous,
+vectorized axis (weights are re-laid out once, at compile time; only the input is transposed per
+call). Depthwise convolutions stay NCHW, where the same rule vectorizes along the image row.
+A PrimFunc the rule cannot schedule keeps its naive (correct, slow) loops. Tuning (MetaSchedule)
+would beat this; it is not used here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Innermost spatial extents up to this are vectorized whole; LLVM splits them into legal vectors.
+MAX_VECTOR_EXTENT = 64
+# Largest unrolled register block: accumulators = block x vectors-per-row must fit the register file.
+MAX_REGISTER_BLOCK = 8
+
+
+def _const(e: Any) -> int | None:
+    from tvm import tirx
+
+    if isinstance(e, int):
+        return e
+    return int(e.value) if isinstance(e, tirx.IntImm) else None
+
+
+def _vars_in(region: Any) -> set[Any]:
+    from tvm.tirx.analysis import undefined_vars
+
+    return {v for rng in region.region for v in undefined_vars(rng.min)}
+
+
+def _register_block(sch: Any, info: Any, spatial: list[Any], lanes: int) -> tuple[int, int] | None:
+    """(index into spatial, factor) of the loop to unroll so each vector-loaded input is re-used."""
+    reads = [_vars_in(r) for r in sch.get(info.block_rv).reads]
+    # Inputs loaded as vectors are those indexed by the vector axis; an axis one of them does not
+    # depend on re-uses the loaded vector on every unrolled step (input rows in NCHW, weights in NHWC).
+    vector_inputs = [used for used in reads if spatial[-1].var in used]
+    vectors_per_row = math.ceil(_const(spatial[-1].dom) / lanes)
+    cap = max(1, min(MAX_REGISTER_BLOCK, 32 // vectors_per_row))
+    for i in range(len(spatial) - 2, -1, -1):
+        ext = _const(spatial[i].dom)
+        if ext is None or ext < 2 or all(spatial[i].var in used for used in vector_inputs):
+            continue
+        factor = max(k for k in range(1, cap + 1) if ext % k == 0)
+        if factor > 1:
+            return i, factor
+    return None
+
+
+def _schedule_func(func: Any, lanes: int) -> Any | None:
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    try_inline_contiguous_spatial(sch, infos)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    placed: set[str] = set()
+    for idx, info in enumerate(infos):
+        kinds = info.dom_kind()
+        if info.name in placed or "O" in kinds or "S" not in kinds:
+            continue
+        spatial = [it for it in info.iters if it.kind == "S"]
+        reduction = [it.loop_rv for it in info.iters if it.kind == "R"]
+        vec_ext = _const(spatial[-1].dom)
+        vectorize = len(spatial) >= 2 and vec_ext is not None and 2 <= vec_ext <= MAX_VECTOR_EXTENT
+        outer = [it.loop_rv for it in (spatial[:-1] if vectorize else spatial)]
+        unrolled = []
+        picked = _register_block(sch, info, spatial, lanes) if reduction and vectorize else None
+        if picked is not None:
+            i, factor = picked
+            lo, li = sch.split(outer[i], factors=[None, factor])
+            outer[i] = lo
+            unrolled = [li]
+        vec_loop = [spatial[-1].loop_rv] if vectorize else []
+        sch.reorder(*outer, *reduction, *unrolled, *vec_loop)
+        par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(par)
+        if vectorize:
+            sch.vectorize(vec_loop[0])
+        for loop in unrolled:
+            sch.unroll(loop)
+        if reduction:
+            _place_epilogue(sch, infos, idx, par, placed)
+            sch.decompose_reduction(info.block_rv, reduction[0])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _place_epilogue(sch: Any, infos: list[Any], idx: int, par: Any, placed: set[str]) -> None:
+    """Compute the elementwise block after a reduction under its parallel loop (cache-hot input)."""
+    if idx + 1 >= len(infos) or not infos[idx + 1].is_injective():
+        return
+    nxt = infos[idx + 1]
+    try:
+        sch.reverse_compute_at(nxt.block_rv, par)
+    except Exception:  # noqa: BLE001 - a schedule error only means "leave it as its own loop nest"
+        return
+    loops = sch.get_loops(nxt.block_rv)
+    ext = _const(sch.get(loops[-1]).extent)
+    if len(loops) > 1 and ext is not None and 2 <= ext <= MAX_VECTOR_EXTENT:
+        sch.vectorize(loops[-1])
+    placed.add(nxt.name)
+
+
+def cpu_schedule_pass(target: Any) -> Any:
+    """Module pass applying the rule above to every unscheduled PrimFunc; failures keep naive loops."""
+    import tvm
+    from tvm import tirx
+    from tvm.target.codegen import llvm_get_vector_width
+
+    bits = llvm_get_vector_width(target)
+    lanes = max(4, (bits if bits > 0 else 128) // 32)
+
+    @tvm.transform.module_pass(opt_level=0, name="ShrinkflowCPUSchedule")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        updates, failed = {}, []
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or (func.attrs and "tirx.is_scheduled" in func.attrs):
+                continue
+            try:
+                new = _schedule_func(func, lanes)
+            except Exception as e:  # noqa: BLE001 - fall back to the correct unscheduled loops
+                failed.append(f"{gv.name_hint}: {type(e).__name__}")
+                new = None
+            if new is not None:
+                updates[gv] = new
+        for gv, func in updates.items():
+            mod[gv] = func
+        if failed:
+            log.warning("TVM CPU schedule left %d kernels unscheduled (slow): %s", len(failed), failed)
+        return mod
+
+    return _pass
+
+
+def _conv_layout(call: Any) -> dict[str, list[str]]:
+    # Depthwise/grouped convs vectorize well along the row in NCHW; only dense ones go NHWC.
+    if call.op.name == "relax.nn.conv2d" and int(call.attrs.groups) == 1:
+        return {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+    return {}
+
+
+def cpu_pipeline(target: Any) -> Any:
+    """The Relax CPU pipeline (legalize, fold, fuse, lower) with NHWC convs and the schedule above."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="ShrinkflowCPUPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + [
+                    # Batch norm becomes scale/shift that FuseOps folds into the conv's epilogue.
+                    relax.transform.DecomposeOpsForInference(),
+                    relax.transform.ConvertLayout({}, _conv_layout),
+                ]
+                + cpu.legalize_passes(target)
+                + [cpu_schedule_pass(target)]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
