@@ -79,8 +79,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     from tasks.orchestrate import up
 
-    up(args.workspace)
-    return 0
+    return up(args.workspace, config_path=args.config)
 
 
 def _cmd_airflow(args: argparse.Namespace) -> int:
@@ -88,12 +87,12 @@ def _cmd_airflow(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from tasks.orchestrate import airflow_env
-    from tasks.workspace import workspace_root
+    from tasks.orchestrate import embedded_airflow
 
-    env = {**os.environ, **airflow_env(workspace_root(args.workspace))}
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
-    return subprocess.call([airflow, *args.rest], env=env)
+    with embedded_airflow(args.workspace, config_path=args.config) as env:  # migrates the DB first
+        return subprocess.call([airflow, *rest], env={**os.environ, **env})
 
 
 def build_parser() -> argparse.ArgumentParser:

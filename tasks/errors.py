@@ -27,3 +27,7 @@ class ArtifactError(ShrinkflowError):
 
 class StageError(ShrinkflowError):
     """A stage cannot run (unknown name, an earlier stage has not run)."""
+
+
+class PipelineRunError(ShrinkflowError):
+    """A task of a pipeline's DAG run failed."""

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from tasks.errors import ShrinkflowError
+from tasks.errors import PipelineRunError, ShrinkflowError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DAGS_FOLDER = REPO_ROOT / "dags"
@@ -25,10 +25,6 @@ DAG_FILE = DAGS_FOLDER / "shrinkflow_pipelines.py"
 DAG_ID_PREFIX = "shrinkflow__"
 AIRFLOW_PORT = 8080
 MLFLOW_PORT = 5000
-
-
-class PipelineRunError(ShrinkflowError):
-    """A task of a pipeline's DAG run failed."""
 
 
 def dag_id(pipeline: str) -> str:

@@ -1,0 +1,113 @@
+"""digits_tiny through the real Airflow DAG (dag.test(), in-process, SQLite), as `shrinkflow run` does it.
+
+Runs in a subprocess so Airflow reads the test's own AIRFLOW_HOME at import; then checks the
+artifacts, the MLflow runs and the registry, and that the compressed model met its goal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("prepare_data", "train_base", "compress", "finetune", "compile", "benchmark", "register")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("e2e") / "ws"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW", "SHRINKFLOW"))}
+    shrinkflow = Path(sys.executable).parent / "shrinkflow"
+    proc = subprocess.run(
+        [str(shrinkflow), "--workspace", str(ws), "run", "digits_tiny", "--run-id", "e2e"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, f"shrinkflow run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return ws, proc
+
+
+def test_every_stage_wrote_its_artifacts(e2e_run):
+    ws, proc = e2e_run
+    run = ws / "runs" / "digits_tiny" / "e2e"
+    state = json.loads((run / "run.json").read_text())
+    assert list(state["stages"]) == list(STAGES)
+    for f in ("prepare_data/dataset.npz", "train_base/model.pt", "compress/plan.json", "finetune/model.pt",
+              "compile/compressed/host/model.so", "compile/compressed/model.onnx", "benchmark/latency.json",
+              "register/report.md", "register/model/model.pt"):
+        assert (run / f).is_file(), f
+    assert not list(run.glob(".*.tmp")), "scratch folders left behind"
+    assert "goal MET" in proc.stdout and "latency tvm host b1" in proc.stdout
+
+
+def test_compressed_model_meets_its_goal(e2e_run):
+    ws, _ = e2e_run
+    run = ws / "runs" / "digits_tiny" / "e2e"
+    base = json.loads((run / "train_base/metrics.json").read_text())
+    comp = json.loads((run / "finetune/metrics.json").read_text())
+    assert base["test_accuracy"] > 93.0  # a trained base, not chance (10 %)
+    assert comp["macs_reduction"] >= 1.5
+    assert base["test_accuracy"] - comp["test_accuracy"] <= 3.0
+    assert comp["goal_met"] is True
+
+
+def test_compiled_artifacts_agree_with_pytorch(e2e_run):
+    ws, _ = e2e_run
+    lat = json.loads((ws / "runs/digits_tiny/e2e/benchmark/latency.json").read_text())
+    engines = {(c["model"], c["engine"]) for c in lat["checks"]}
+    assert {("compressed", "tvm"), ("compressed", "onnxruntime"), ("base", "tvm")} <= engines
+    for c in lat["checks"]:
+        if c["engine"] != "pytorch":
+            assert c["max_abs_diff_vs_pytorch"] < 1e-3, c
+            assert c["top1_agreement_vs_pytorch"] > 0.99, c
+    assert {p["batch"] for p in lat["pairs"]} == {1, 32}
+    assert all(p["base_ms"] > 0 and p["compressed_ms"] > 0 for p in lat["pairs"])
+
+
+def test_mlflow_parent_and_nested_stage_runs(e2e_run):
+    ws, _ = e2e_run
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("shrinkflow/digits_tiny")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`shrinkflow.run_id` = 'e2e'")
+    parents = [r for r in runs if r.data.tags["shrinkflow.stage"] == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    for tag in ("git_commit", "data_hash", "airflow_run_id", "registry_alias"):
+        assert parent.data.tags.get(tag), tag
+    children = {r.data.tags["shrinkflow.stage"]: r for r in runs if r is not parent and r.data.tags["shrinkflow.stage"] != "pipeline"}
+    assert set(children) == set(STAGES)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
+    assert children["finetune"].data.metrics["test_accuracy"] > 90
+    assert "val_accuracy" in children["train_base"].data.metrics
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"model", "report.md", "latency.json"} <= arts
+    mv = client.get_model_version_by_alias("shrinkflow-digits_tiny", "champion")
+    assert mv.tags["shrinkflow_run_id"] == "e2e"
+
+
+def test_rerunning_a_stage_replaces_it(e2e_run):
+    """Idempotent tasks: the same run id again gives one child run per stage and no extra version."""
+    ws, _ = e2e_run
+    env = {**os.environ, "SHRINKFLOW_HOME": str(ws)}
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-m", "tasks", "register", "--pipeline", "digits_tiny", "--run-id", "e2e"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("shrinkflow/digits_tiny")
+    reg = client.search_runs([exp.experiment_id], filter_string="tags.`shrinkflow.stage` = 'register'")
+    assert len(reg) == 1
+    versions = client.search_model_versions("name = 'shrinkflow-digits_tiny'")
+    assert len(versions) == 1
+    assert json.loads(out.stdout)["alias"] == "champion"
