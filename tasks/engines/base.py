@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from tasks.errors import ArtifactError
+from tasks.errors import ArtifactError, StageError
 
 
 class InputShapeError(ArtifactError, ValueError):
@@ -46,3 +48,40 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def quiet_torch_export() -> Iterator[None]:
+    """Hide the FutureWarning torch.export's own internals raise in torch 2.13 (not ours to fix)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        yield
+
+
+def diff_vs_reference(
+    model: Any, runner: Runner, example: Any, batch_sizes: Sequence[int]
+) -> dict[str, float]:
+    """Max abs difference between runner and model outputs at each batch size, keyed by str(batch)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    diffs: dict[str, float] = {}
+    for b in batch_sizes:
+        # The example's first row plus noise: real-looking inputs, and rows that differ.
+        x = example[:1].repeat(b, *([1] * (example.dim() - 1)))
+        x = x + 0.1 * torch.randn(x.shape, generator=gen)
+        with torch.inference_mode():
+            ref = model(x)
+        ref = ref[0] if isinstance(ref, tuple | list) else ref
+        diffs[str(b)] = float(np.max(np.abs(runner.run(x.numpy()) - ref.numpy())))
+    return diffs
+
+
+def export_failed(what: str, model: Any, err: Exception) -> StageError:
+    """The StageError for a model that torch.export (or the ONNX exporter on top of it) cannot capture."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return StageError(
+        f"{what} cannot capture {type(model).__name__} ({type(err).__name__}: {first[:300]}). The model "
+        "must be traceable by torch.export with a free batch size: no data-dependent Python control "
+        "flow, and no hard-coded batch (use x.flatten(1), not x.view(32, -1)); full error above"
+    )

@@ -12,11 +12,13 @@ This module adds one generic rule, applied to every fused PrimFunc:
   parallel loop while its input is still in cache;
 * elementwise blocks: parallel outer loops, vectorized inner loop.
 
-Dense convolutions are converted to NHWC/HWIO first, so the output channel is the contiguous,
-vectorized axis (weights are re-laid out once, at compile time; only the input is transposed per
-call). Depthwise convolutions stay NCHW, where the same rule vectorizes along the image row.
-A PrimFunc the rule cannot schedule keeps its naive (correct, slow) loops. Tuning (MetaSchedule)
-would beat this; it is not used here.
+Convolutions are converted to NHWC/HWIO first, so the output channel is the contiguous, vectorized
+axis (weights are re-laid out once, at compile time; the input and any op ConvertLayout does not
+know, such as clip for ReLU6, get a transpose). On a MobileNet-style model, NHWC for the depthwise
+convolutions too beat keeping them NCHW (fewer transposes between layers).
+
+A PrimFunc the rule cannot schedule keeps its naive (correct, slow) loops, with a warning.
+Tuning (MetaSchedule) would beat this; it is not used here.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 MAX_VECTOR_EXTENT = 64
 # Largest unrolled register block: accumulators = block x vectors-per-row must fit the register file.
 MAX_REGISTER_BLOCK = 8
+# Channels last: the output channel becomes the contiguous axis that the schedule vectorizes.
+CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
 def _const(e: Any) -> int | None:
@@ -47,13 +51,15 @@ def _vars_in(region: Any) -> set[Any]:
     return {v for rng in region.region for v in undefined_vars(rng.min)}
 
 
-def _register_block(sch: Any, info: Any, spatial: list[Any], lanes: int) -> tuple[int, int] | None:
+def _register_block(
+    sch: Any, info: Any, spatial: list[Any], vec_ext: int, lanes: int
+) -> tuple[int, int] | None:
     """(index into spatial, factor) of the loop to unroll so each vector-loaded input is re-used."""
     reads = [_vars_in(r) for r in sch.get(info.block_rv).reads]
     # Inputs loaded as vectors are those indexed by the vector axis; an axis one of them does not
     # depend on re-uses the loaded vector on every unrolled step (input rows in NCHW, weights in NHWC).
     vector_inputs = [used for used in reads if spatial[-1].var in used]
-    vectors_per_row = math.ceil(_const(spatial[-1].dom) / lanes)
+    vectors_per_row = math.ceil(vec_ext / lanes)
     cap = max(1, min(MAX_REGISTER_BLOCK, 32 // vectors_per_row))
     for i in range(len(spatial) - 2, -1, -1):
         ext = _const(spatial[i].dom)
@@ -85,17 +91,26 @@ def _schedule_func(func: Any, lanes: int) -> Any | None:
             continue
         spatial = [it for it in info.iters if it.kind == "S"]
         reduction = [it.loop_rv for it in info.iters if it.kind == "R"]
-        vec_ext = _const(spatial[-1].dom)
-        vectorize = len(spatial) >= 2 and vec_ext is not None and 2 <= vec_ext <= MAX_VECTOR_EXTENT
-        outer = [it.loop_rv for it in (spatial[:-1] if vectorize else spatial)]
+        vec_ext = _const(spatial[-1].dom) or 0
+        outer = [it.loop_rv for it in spatial]
+        vec_loop = []
+        if len(spatial) >= 2 and vec_ext >= 2:
+            inner = max(k for k in range(1, MAX_VECTOR_EXTENT + 1) if vec_ext % k == 0)
+            if inner >= 2:
+                row = outer.pop()
+                if inner < vec_ext:
+                    # A long row (e.g. 128 channels) is split; its outer part joins the parallel loops.
+                    row_outer, row = sch.split(row, factors=[None, inner])
+                    outer.append(row_outer)
+                vec_loop, vec_ext = [row], inner
+        vectorize = bool(vec_loop)
         unrolled = []
-        picked = _register_block(sch, info, spatial, lanes) if reduction and vectorize else None
+        picked = _register_block(sch, info, spatial, vec_ext, lanes) if reduction and vectorize else None
         if picked is not None:
             i, factor = picked
             lo, li = sch.split(outer[i], factors=[None, factor])
             outer[i] = lo
             unrolled = [li]
-        vec_loop = [spatial[-1].loop_rv] if vectorize else []
         sch.reorder(*outer, *reduction, *unrolled, *vec_loop)
         par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(par)
@@ -116,7 +131,7 @@ def _place_epilogue(sch: Any, infos: list[Any], idx: int, par: Any, placed: set[
     nxt = infos[idx + 1]
     try:
         sch.reverse_compute_at(nxt.block_rv, par)
-    except Exception:  # noqa: BLE001 - a schedule error only means "leave it as its own loop nest"
+    except Exception:  # a schedule error only means "leave it as its own loop nest"
         return
     loops = sch.get_loops(nxt.block_rv)
     ext = _const(sch.get(loops[-1]).extent)
@@ -142,7 +157,7 @@ def cpu_schedule_pass(target: Any) -> Any:
                 continue
             try:
                 new = _schedule_func(func, lanes)
-            except Exception as e:  # noqa: BLE001 - fall back to the correct unscheduled loops
+            except Exception as e:  # fall back to the correct, unscheduled loops
                 failed.append(f"{gv.name_hint}: {type(e).__name__}")
                 new = None
             if new is not None:
@@ -154,13 +169,6 @@ def cpu_schedule_pass(target: Any) -> Any:
         return mod
 
     return _pass
-
-
-def _conv_layout(call: Any) -> dict[str, list[str]]:
-    # Depthwise/grouped convs vectorize well along the row in NCHW; only dense ones go NHWC.
-    if call.op.name == "relax.nn.conv2d" and int(call.attrs.groups) == 1:
-        return {"relax.nn.conv2d": ["NHWC", "HWIO"]}
-    return {}
 
 
 def cpu_pipeline(target: Any) -> Any:
@@ -177,7 +185,9 @@ def cpu_pipeline(target: Any) -> Any:
                 + [
                     # Batch norm becomes scale/shift that FuseOps folds into the conv's epilogue.
                     relax.transform.DecomposeOpsForInference(),
-                    relax.transform.ConvertLayout({}, _conv_layout),
+                    # Drops the (out, mean, var) tuple BN leaves behind, which would block fusing the ReLU.
+                    relax.transform.CanonicalizeBindings(),
+                    relax.transform.ConvertLayout(CONV_LAYOUT),
                 ]
                 + cpu.legalize_passes(target)
                 + [cpu_schedule_pass(target)]

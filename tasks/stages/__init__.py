@@ -32,6 +32,8 @@ def run_stage(
     if stage not in STAGES:
         raise StageError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     cfg = load_pipeline(pipeline, config_path)
+    # TVM sizes its thread pool once per process, at its first kernel: use the benchmark's count.
+    os.environ.setdefault("TVM_NUM_THREADS", str(cfg.benchmark.threads))
     paths = run_paths(pipeline, run_id, workspace)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     tags = {"airflow_run_id": airflow_run_id} if airflow_run_id else {}
@@ -47,5 +49,7 @@ def run_stage(
     state = paths.read_state()
     stages = state.get("stages", {})
     stages[stage] = result
-    paths.update_state(pipeline=pipeline, run_id=paths.run_id, stages=stages, mlflow_parent_run=tr.parent_id)
+    done = [s for s in STAGES if s in stages]  # run.json is written with sorted keys: keep the order here
+    paths.update_state(pipeline=pipeline, run_id=paths.run_id, stages=stages, completed=done,
+                       mlflow_parent_run=tr.parent_id)
     return result

@@ -1,0 +1,100 @@
+"""The device registry (infra/devices.yaml): where a model is compiled for and timed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import ConfigError
+
+DEFAULT_DEVICES_FILE = "infra/devices.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RPCConfig(_Strict):
+    host: str
+    port: int = Field(9190, gt=0, lt=65536)
+    key: str | None = Field(None, description="TVM RPC tracker key; none: connect to the server directly")
+    timeout_s: float = Field(60, gt=0)
+
+
+class Device(_Strict):
+    name: str = ""
+    description: str = ""
+    target: dict[str, Any] = Field(description="a TVM target as a dict, e.g. {kind: llvm, mcpu: native}")
+    cross_compiler: str | None = Field(
+        None, description="gcc that links the library, e.g. aarch64-linux-gnu-gcc"
+    )
+    threads: int = Field(1, gt=0, description="threads every engine gets when timed on this device")
+    rpc: RPCConfig | None = Field(None, description="none: run in-process on this machine")
+
+    @field_validator("target")
+    @classmethod
+    def _has_kind(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(v.get("kind"), str):
+            raise ValueError("a target needs a 'kind', e.g. {kind: llvm, mcpu: native}")
+        return v
+
+    @property
+    def is_local(self) -> bool:
+        """True when the device is this machine (no RPC)."""
+        return self.rpc is None
+
+    def tvm_target(self) -> dict[str, Any]:
+        """The target dict for tvm.target.Target, with mcpu 'native' resolved to the host CPU."""
+        from tasks.engines.tvm_build import resolve_target
+
+        return resolve_target(self.target)
+
+
+class DevicesFile(_Strict):
+    devices: dict[str, Device]
+
+
+def devices_path(path: str | os.PathLike | None = None) -> Path:
+    """The devices file: the argument, $SHRINKFLOW_DEVICES, or ./infra/devices.yaml."""
+    return Path(path or os.environ.get("SHRINKFLOW_DEVICES") or DEFAULT_DEVICES_FILE)
+
+
+def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
+    """Read and validate every device in the registry."""
+    p = devices_path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"device registry {p} not found: run from the project folder or set SHRINKFLOW_DEVICES"
+        )
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}. Fix the syntax there.") from e
+    if not isinstance(raw, dict) or "devices" not in raw:
+        raise ConfigError(f"{p} must be a mapping with a top-level 'devices:' key")
+    try:
+        devices = DevicesFile.model_validate(raw).devices
+    except ValidationError as e:
+        lines = [f"{p} is not a valid device registry:"]
+        lines += [f"  - {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        lines.append("Fix these fields; the schema lives in tasks/devices.py.")
+        raise ConfigError("\n".join(lines)) from e
+    for name, device in devices.items():
+        device.name = name
+    return devices
+
+
+def get_device(name: str, path: str | os.PathLike | None = None) -> Device:
+    """One device by name, with a clear error listing the known names."""
+    devices = load_devices(path)
+    if name not in devices:
+        known = ", ".join(sorted(devices)) or "(none)"
+        raise ConfigError(
+            f"unknown device {name!r}; {devices_path(path)} declares: {known}. "
+            "Use one of these in targets: or add it to the registry."
+        )
+    return devices[name]

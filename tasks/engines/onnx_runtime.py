@@ -1,0 +1,160 @@
+"""Export a PyTorch model to one self-contained ONNX file and run it with ONNX Runtime on the CPU.
+
+Export uses torch's dynamo exporter (torch.export + onnxscript, the default in torch 2.13) with the
+weights embedded (`external_data=False`), so the .onnx file is the whole artifact. A sidecar
+`<name>.meta.json` records its sha256, shapes and the max abs diff vs PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.engines.base import (
+    check_input,
+    diff_vs_reference,
+    export_failed,
+    quiet_torch_export,
+    sha256_file,
+)
+from tasks.errors import ArtifactError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+OPSET = 20
+
+
+def meta_path(path: Path) -> Path:
+    """The sidecar meta file of an .onnx file: model.onnx -> model.meta.json."""
+    return Path(path).with_suffix(".meta.json")
+
+
+def export_onnx(
+    model: Any,
+    example: Any,
+    path: Path,
+    *,
+    dynamic_batch: bool = True,
+    batch_sizes: tuple[int, ...] = (1, 32),
+) -> dict[str, Any]:
+    """Write model as a single .onnx file (checked by onnx.checker); returns meta with max abs diff."""
+    import logging
+
+    import onnx
+    import torch
+    from torch.export import Dim
+
+    # The exporter warns once per torchvision op it cannot register; torchvision is not used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = example.detach().to(torch.float32).cpu()
+    if dynamic_batch:
+        # torch specializes a size-1 dim to a constant; export at batch 2 to keep it symbolic.
+        args = (example[:1].repeat(2, *([1] * (example.dim() - 1))),)
+        dynamic_shapes: tuple | None = ({0: Dim("batch", min=1)},)
+    else:
+        args, dynamic_shapes = (example,), None
+    meta_path(path).unlink(missing_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # The exporter prints progress lines for every step; keep the pipeline's logs readable.
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), quiet_torch_export():
+            torch.onnx.export(
+                model,
+                args,
+                str(tmp),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=dynamic_shapes,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=OPSET,
+                verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types (torch.export's, onnxscript's)
+        tmp.unlink(missing_ok=True)
+        raise export_failed("the ONNX exporter", model, e) from e
+    onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+    tmp.replace(path)
+
+    runner = load_onnx(path, threads=1, verify=False)
+    sizes = batch_sizes if dynamic_batch else (example.shape[0],)
+    diffs = diff_vs_reference(model, runner, example, sizes)
+
+    meta = {
+        "engine": "onnxruntime",
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "input_name": INPUT_NAME,
+        "input_shape": [
+            None if dynamic_batch else int(example.shape[0]),
+            *[int(d) for d in example.shape[1:]],
+        ],
+        "input_dtype": "float32",
+        "output_names": [OUTPUT_NAME],
+        "opset": OPSET,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "max_abs_diff": max(diffs.values()),
+        "max_abs_diff_by_batch": diffs,
+    }
+    meta_path(path).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+class ONNXRunner:
+    """An ONNX Runtime CPU session; `.run(x)` takes float32 NCHW, returns the first output."""
+
+    def __init__(self, session: Any, path: Path):
+        self._session = session
+        self._path = path
+        inp = session.get_inputs()[0]
+        self._input_name = inp.name
+        # ONNX Runtime reports a symbolic dim as a string (e.g. "batch"): any size goes.
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in inp.shape)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a batch x of shape input_shape."""
+        x = check_input(x, self.input_shape, f"ONNX model {self._path}")
+        return self._session.run(None, {self._input_name: x})[0]
+
+
+def load_onnx(path: Path, threads: int, *, verify: bool = True) -> ONNXRunner:
+    """An ONNX Runtime session on path with `threads` intra-op threads, one inter-op, sequential."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    rerun = "re-run the export stage to rebuild it"
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; {rerun}")
+    meta_file = meta_path(path)
+    if verify and meta_file.is_file():
+        try:
+            expected = json.loads(meta_file.read_text())["sha256"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{meta_file} is unreadable ({e}); {rerun}") from e
+        if sha256_file(path) != expected:
+            raise ArtifactError(
+                f"{path} does not match the sha256 in {meta_file} (corrupt or replaced); {rerun}"
+            )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning workers would keep cores busy after a call and slow the engine timed next to it.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own (non-exported) exception types
+        raise ArtifactError(f"ONNX Runtime cannot load {path} ({type(e).__name__}: {e}); {rerun}") from e
+    return ONNXRunner(session, path)
