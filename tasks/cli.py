@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tasks.errors import ShrinkflowError
@@ -15,6 +16,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     load_pipeline(args.pipeline, args.config)  # a bad name or file fails here, before any work
     run_id = args.run_id or new_run_id()
+    if sys.stderr.isatty():  # Airflow's task runner wraps stderr: decide on progress bars out here
+        os.environ.setdefault("SHRINKFLOW_PROGRESS", "1")
     if args.no_airflow:
         from tasks.stages import STAGES, run_stage
 
@@ -84,7 +87,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _cmd_airflow(args: argparse.Namespace) -> int:
     """Run the airflow CLI with shrinkflow's embedded settings (e.g. `shrinkflow airflow dags list`)."""
-    import os
     import subprocess
 
     from tasks.orchestrate import embedded_airflow
