@@ -105,9 +105,10 @@ def solve_ratio(model: nn.Module, cfg: ChannelPrune, data: OpData, target_reduct
     goal = base / target_reduction
     probe_cfg = dataclasses.replace(cfg, importance="l2")  # which channels go does not change the MACs
     # Torch-Pruning skips a layer whose ratio would leave it no channel, which breaks the bisection's
-    # monotonicity at high ratios: cap the ratio so the narrowest layer keeps one channel.
+    # monotonicity at high ratios: cap the ratio so the narrowest layer keeps one channel (one group of
+    # round_to channels when rounding).
     narrowest = min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
-    lo, hi = 0.0, min(0.95, 1.0 - 1.0 / narrowest)
+    lo, hi = 0.0, min(0.95, 1.0 - (cfg.round_to or 1) / narrowest)
     m_hi = copy.deepcopy(model)
     _prune_in_place(m_hi, probe_cfg, hi, data)
     if count_macs(m_hi, data.example) > goal:
