@@ -99,3 +99,11 @@ def test_config_json_roundtrip():
 def test_macs_counter_matches_hand_count():
     conv = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
     assert count_macs(conv, torch.randn(1, 1, 5, 5)) == 4 * 9 * 25
+
+
+def test_macs_target_with_hardware_friendly_widths():
+    m = create_model("resnet8", in_channels=1, num_classes=10)
+    res = apply(m, ChannelPrune(target_macs_reduction=2.0, round_to=4), OpData(example=X))
+    assert res.report["macs_reduction"] >= 2.0
+    convs = [mod for mod in res.model.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert all(c.out_channels % 4 == 0 for c in convs)
