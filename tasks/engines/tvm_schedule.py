@@ -9,7 +9,9 @@ This module adds one generic rule, applied to every fused PrimFunc:
   fuse the outer spatial loops (batch included) into one parallel loop, vectorize the innermost
   spatial loop, and unroll a small block of a second spatial loop so each vector load feeds several
   FMAs (register blocking); the fused epilogue (BN, residual add, ReLU) is computed under the same
-  parallel loop while its input is still in cache;
+  parallel loop while its input is still in cache; a row that is not 1, 2 or 4 whole registers
+  (pruned widths such as 24, 45, 48) is split into register-sized vectors, since LLVM compiles one
+  odd-sized vector (<45 x float>) 10-20x slower;
 * elementwise blocks: parallel outer loops, vectorized inner loop.
 
 Convolutions are converted to NHWC/HWIO first, so the output channel is the contiguous, vectorized
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 MAX_VECTOR_EXTENT = 64
 # Largest unrolled register block: accumulators = block x vectors-per-row must fit the register file.
 MAX_REGISTER_BLOCK = 8
+# Accumulator vectors kept live by a register block (AVX-512 has 32 registers). A row split into
+# odd-sized vectors (below) measured 2-4x slower with 21 accumulators than with 16; whole-register
+# rows (16/32/64 channels) and rows split with a tail (a prime width) measured best with up to 32.
+MAX_ACCUMULATORS = 32
+MAX_ACCUMULATORS_SPLIT = 16
 # Channels last: the output channel becomes the contiguous axis that the schedule vectorizes.
 CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
@@ -51,16 +58,28 @@ def _vars_in(region: Any) -> set[Any]:
     return {v for rng in region.region for v in undefined_vars(rng.min)}
 
 
+def _is_pow2_multiple(ext: int, lanes: int) -> bool:
+    """ext is lanes x 2^k: LLVM splits such a vector into whole registers cleanly (16, 32, 64)."""
+    n, r = divmod(ext, lanes)
+    return r == 0 and n & (n - 1) == 0
+
+
 def _register_block(
-    sch: Any, info: Any, spatial: list[Any], vec_ext: int, lanes: int
+    sch: Any,
+    info: Any,
+    spatial: list[Any],
+    vec_ext: int,
+    lanes: int,
+    row_vectors: int = 1,
+    accumulators: int = MAX_ACCUMULATORS,
 ) -> tuple[int, int] | None:
     """(index into spatial, factor) of the loop to unroll so each vector-loaded input is re-used."""
     reads = [_vars_in(r) for r in sch.get(info.block_rv).reads]
     # Inputs loaded as vectors are those indexed by the vector axis; an axis one of them does not
     # depend on re-uses the loaded vector on every unrolled step (input rows in NCHW, weights in NHWC).
     vector_inputs = [used for used in reads if spatial[-1].var in used]
-    vectors_per_row = math.ceil(vec_ext / lanes)
-    cap = max(1, min(MAX_REGISTER_BLOCK, 32 // vectors_per_row))
+    vectors_per_row = math.ceil(vec_ext / lanes) * row_vectors
+    cap = max(1, min(MAX_REGISTER_BLOCK, accumulators // vectors_per_row))
     for i in range(len(spatial) - 2, -1, -1):
         ext = _const(spatial[i].dom)
         if ext is None or ext < 2 or all(spatial[i].var in used for used in vector_inputs):
@@ -104,13 +123,28 @@ def _schedule_func(func: Any, lanes: int) -> Any | None:
                     outer.append(row_outer)
                 vec_loop, vec_ext = [row], inner
         vectorize = bool(vec_loop)
+        row_unrolled, row_vectors, accumulators = [], 1, MAX_ACCUMULATORS
+        if vectorize and vec_ext > lanes and not _is_pow2_multiple(vec_ext, lanes):
+            # LLVM turns a row that is not a power-of-two number of registers (24, 45 or 48 floats)
+            # into very slow code (10-20x): vectorize a divisor that fits one register and unroll
+            # the rest; a row with no such divisor (a prime) is split in registers with a tail.
+            width = max(k for k in range(1, lanes + 1) if vec_ext % k == 0)
+            if width * 2 <= lanes:
+                width = lanes
+            else:
+                accumulators = MAX_ACCUMULATORS_SPLIT
+            row_outer, vec_loop[0] = sch.split(vec_loop[0], factors=[None, width])
+            row_unrolled, row_vectors, vec_ext = [row_outer], math.ceil(vec_ext / width), width
         unrolled = []
-        picked = _register_block(sch, info, spatial, vec_ext, lanes) if reduction and vectorize else None
+        picked = None
+        if reduction and vectorize:
+            picked = _register_block(sch, info, spatial, vec_ext, lanes, row_vectors, accumulators)
         if picked is not None:
             i, factor = picked
             lo, li = sch.split(outer[i], factors=[None, factor])
             outer[i] = lo
             unrolled = [li]
+        unrolled += row_unrolled
         sch.reorder(*outer, *reduction, *unrolled, *vec_loop)
         par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(par)
@@ -119,12 +153,12 @@ def _schedule_func(func: Any, lanes: int) -> Any | None:
         for loop in unrolled:
             sch.unroll(loop)
         if reduction:
-            _place_epilogue(sch, infos, idx, par, placed)
+            _place_epilogue(sch, infos, idx, par, placed, lanes)
             sch.decompose_reduction(info.block_rv, reduction[0])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def _place_epilogue(sch: Any, infos: list[Any], idx: int, par: Any, placed: set[str]) -> None:
+def _place_epilogue(sch: Any, infos: list[Any], idx: int, par: Any, placed: set[str], lanes: int) -> None:
     """Compute the elementwise block after a reduction under its parallel loop (cache-hot input)."""
     if idx + 1 >= len(infos) or not infos[idx + 1].is_injective():
         return
@@ -136,7 +170,12 @@ def _place_epilogue(sch: Any, infos: list[Any], idx: int, par: Any, placed: set[
     loops = sch.get_loops(nxt.block_rv)
     ext = _const(sch.get(loops[-1]).extent)
     if len(loops) > 1 and ext is not None and 2 <= ext <= MAX_VECTOR_EXTENT:
-        sch.vectorize(loops[-1])
+        loop = loops[-1]
+        if ext > lanes and not _is_pow2_multiple(ext, lanes):
+            width = max(k for k in range(1, lanes + 1) if ext % k == 0)
+            if width >= 2:  # as in the main rule: whole registers, not one odd-sized vector
+                _, loop = sch.split(loop, factors=[None, width])
+        sch.vectorize(loop)
     placed.add(nxt.name)
 
 

@@ -118,3 +118,37 @@ def test_wrong_outputs_fail_the_build(tiny_model, tiny_example, tmp_path, monkey
     assert not (tmp_path / "meta.json").exists()
     with pytest.raises(ArtifactError, match="meta.json is missing"):
         load_tvm(tmp_path)
+
+
+class _OddWidths(torch.nn.Module):
+    """Pruned-style widths: below, above and not a multiple of a vector register, one prime (47)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        widths = [11, 24, 45, 47]
+        layers, c = [], 1
+        for w in widths:
+            layers += [torch.nn.Conv2d(c, w, 3, padding=1), torch.nn.BatchNorm2d(w), torch.nn.ReLU()]
+            c = w
+        self.features = torch.nn.Sequential(*layers)
+        self.skip = torch.nn.Conv2d(45, 47, 1)
+        self.head = torch.nn.Linear(47, 3)
+        for m in self.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features[:9](x)
+        y = self.features[9:](h) + self.skip(h)
+        return self.head(y.mean((2, 3)))
+
+
+def test_odd_channel_widths_match_torch(tmp_path):
+    model = _OddWidths().eval()
+    build_tvm(model, torch.randn(1, 1, 8, 8), HOST, tmp_path)  # raises if TVM and torch differ
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(load_tvm(tmp_path).run(x), ref, atol=1e-4, rtol=0)
