@@ -12,6 +12,9 @@ def epoch_bar(desc: str, total_epochs: int) -> Callable[[Iterable, int], Iterabl
     from tqdm.auto import tqdm
 
     enabled = sys.stderr.isatty() or os.environ.get("SHRINKFLOW_PROGRESS") == "1"
+    # The terminal itself: inside an Airflow task sys.stderr is a log redirect that tqdm cannot drive
+    # (its writes fail there and tqdm silently disables itself), and bars have no place in log files.
+    stream = sys.__stderr__ or sys.stderr
 
     def wrap(batches: Iterable, epoch: int) -> Iterable:
         return tqdm(
@@ -21,7 +24,7 @@ def epoch_bar(desc: str, total_epochs: int) -> Callable[[Iterable, int], Iterabl
             leave=True,
             disable=not enabled,
             dynamic_ncols=True,
-            file=sys.stderr,
+            file=stream,
         )
 
     return wrap
