@@ -171,8 +171,3 @@ def finish_parent(paths: RunPaths, status: str = "FINISHED") -> None:
     client = _client(paths)
     client.set_terminated(parent_run_id(paths), status)
 
-
-def runs_of(paths: RunPaths) -> list[Any]:
-    """Every live MLflow run (parent and children) of this pipeline run."""
-    client = _client(paths)
-    return client.search_runs([experiment_id(paths)], filter_string=f"tags.`{TAG_RUN}` = '{paths.run_id}'")
