@@ -138,34 +138,39 @@ def pipelines_path(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get("SHRINKFLOW_PIPELINES") or DEFAULT_PIPELINES_FILE)
 
 
-def _format_validation_error(err: ValidationError, path: Path) -> str:
-    lines = [f"{path} is not a valid pipelines file:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        got = e.get("input")
-        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-        lines.append(f"  - {loc}: {e['msg']}{shown}")
-    lines.append("Fix these fields; the schema lives in tasks/config.py.")
-    return "\n".join(lines)
+def read_validated_yaml(path: Path, schema: type[BaseModel], key: str, what: str, env_var: str) -> BaseModel:
+    """Read a YAML file with one top-level `key` and validate it against `schema`.
+
+    Every failure is a ConfigError naming the file and the fix: missing file, YAML syntax (with line
+    and column), wrong top level, or each invalid field with its path and what was expected.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} not found: run from the project folder or set {env_var}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}. Fix the syntax there.") from e
+    if not isinstance(raw, dict) or key not in raw:
+        raise ConfigError(f"{path} must be a mapping with a top-level '{key}:' key")
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{path} is not a valid {what}:"]
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"  - {loc}: {e['msg']}{shown}")
+        lines.append(f"Fix these fields; the schema lives in {schema.__module__.replace('.', '/')}.py.")
+        raise ConfigError("\n".join(lines)) from err
 
 
 def load_pipelines(path: str | os.PathLike | None = None) -> dict[str, PipelineConfig]:
     """Read and validate every pipeline in the file."""
-    p = pipelines_path(path)
-    if not p.is_file():
-        raise ConfigError(f"pipelines file {p} not found: run from the project folder or set SHRINKFLOW_PIPELINES")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}. Fix the syntax there.") from e
-    if not isinstance(raw, dict) or "pipelines" not in raw:
-        raise ConfigError(f"{p} must be a mapping with a top-level 'pipelines:' key")
-    try:
-        return PipelinesFile.model_validate(raw).pipelines
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, p)) from e
+    file = read_validated_yaml(pipelines_path(path), PipelinesFile, "pipelines", "pipelines file", "SHRINKFLOW_PIPELINES")
+    return file.pipelines  # type: ignore[attr-defined]
 
 
 def load_pipeline(name: str, path: str | os.PathLike | None = None) -> PipelineConfig:

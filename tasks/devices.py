@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.config import read_validated_yaml
 from tasks.errors import ConfigError
 
 DEFAULT_DEVICES_FILE = "infra/devices.yaml"
@@ -65,24 +65,9 @@ def devices_path(path: str | os.PathLike | None = None) -> Path:
 
 def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
     """Read and validate every device in the registry."""
-    p = devices_path(path)
-    if not p.is_file():
-        raise ConfigError(
-            f"device registry {p} not found: run from the project folder or set SHRINKFLOW_DEVICES"
-        )
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}. Fix the syntax there.") from e
-    if not isinstance(raw, dict) or "devices" not in raw:
-        raise ConfigError(f"{p} must be a mapping with a top-level 'devices:' key")
-    try:
-        devices = DevicesFile.model_validate(raw).devices
-    except ValidationError as e:
-        lines = [f"{p} is not a valid device registry:"]
-        lines += [f"  - {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        lines.append("Fix these fields; the schema lives in tasks/devices.py.")
-        raise ConfigError("\n".join(lines)) from e
+    devices = read_validated_yaml(
+        devices_path(path), DevicesFile, "devices", "device registry", "SHRINKFLOW_DEVICES"
+    ).devices  # type: ignore[attr-defined]
     for name, device in devices.items():
         device.name = name
     return devices
