@@ -3,7 +3,7 @@
     result = apply(model, ChannelPrune(target_macs_reduction=2.0), OpData(example=x))
 """
 
-from compression_ops.base import OpConfig, OpConfigError, OpData, OpResult, apply, config_from_dict
+from compression_ops.base import OpConfig, OpConfigError, OpData, OpResult, TrainHook, apply, config_from_dict
 from compression_ops.channel_prune import ChannelPrune
 from compression_ops.distill import Distill, kd_loss
 from compression_ops.finetune import TrainSpec, evaluate, fit
@@ -16,6 +16,7 @@ __all__ = [
     "OpConfigError",
     "OpData",
     "OpResult",
+    "TrainHook",
     "TrainSpec",
     "apply",
     "config_from_dict",

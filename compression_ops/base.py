@@ -23,6 +23,11 @@ class OpConfig:
     """Base of every op config: validates on construction and round-trips through JSON."""
 
     op: ClassVar[str] = ""
+    # When a pipeline applies the op: "structure" (before fine-tuning, may change shapes; saved in the
+    # checkpoint), "train" (right before fine-tuning; its constraint is kept during it by the hooks the
+    # op returns), "post" (after fine-tuning, e.g. post-training quantization), or "finetune" (configures
+    # the fine-tune loop itself, e.g. distillation; not applied with apply()).
+    phase: ClassVar[str] = "structure"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -39,12 +44,31 @@ class OpConfig:
         return {"op": self.op, **dataclasses.asdict(self)}
 
 
+class TrainHook:
+    """Keeps an op's constraint during fine-tuning; `fit(..., hooks=[...])` calls these around each step.
+
+    `before_step` runs before the forward pass (e.g. raise sparsity on a schedule); `after_step` runs
+    after the optimizer step (e.g. re-apply masks, re-tie codebook weights). `step` counts from 0.
+    """
+
+    def before_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def finish(self) -> dict[str, Any]:
+        """Called once after training; returns figures for the op's report."""
+        return {}
+
+
 @dataclasses.dataclass
 class OpResult:
-    """What an op did: the new model and a small JSON-able report."""
+    """What an op did: the new model, a small JSON-able report, and hooks for fine-tuning under it."""
 
     model: nn.Module
     report: dict[str, Any]
+    hooks: list[TrainHook] = dataclasses.field(default_factory=list)
 
 
 OpFn = Callable[[nn.Module, Any, Any], OpResult]

@@ -15,6 +15,7 @@ class Distill(OpConfig):
     """Logit KD (Hinton et al.): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)."""
 
     op = "distill"
+    phase = "finetune"
     temperature: float = 4.0
     alpha: float = 0.7
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression_ops.base import Batches, check_range
+from compression_ops.base import Batches, TrainHook, check_range
 from compression_ops.distill import Distill, kd_loss
 
 
@@ -63,10 +63,12 @@ def fit(
     val: Batches | None = None,
     wrap_epoch: Callable[[Iterable, int], Iterable] | None = None,
     on_epoch: Callable[[int, dict[str, float]], Any] | None = None,
+    hooks: list[TrainHook] | None = None,
 ) -> list[dict[str, float]]:
     """Train `model` in place with SGD + Nesterov; distil from `teacher` when both it and `distill` are given.
 
     Returns one dict per epoch (train loss, train accuracy, val accuracy when `val` is given).
+    `hooks` keep compression constraints (masks, codebooks, fake-quant ranges) in force while training.
     """
     if spec.epochs == 0:
         return []
@@ -89,13 +91,17 @@ def fit(
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=steps, pct_start=0.2)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    hooks = list(hooks or [])
     history = []
+    step = 0
     for epoch in range(spec.epochs):
         model.train()
         seen = correct = 0
         total_loss = 0.0
         it = wrap_epoch(train, epoch) if wrap_epoch else train
         for x, y in it:
+            for h in hooks:
+                h.before_step(step, steps)
             x = _to_cl(x)
             out = model(x)
             if use_kd:
@@ -108,6 +114,9 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
+            for h in hooks:
+                h.after_step(step, steps)
+            step += 1
             seen += len(y)
             total_loss += float(loss.detach()) * len(y)
             correct += int((out.argmax(1) == y).sum())
