@@ -7,11 +7,13 @@ from compression_ops.base import OpConfig, OpConfigError, OpData, OpResult, Trai
 from compression_ops.channel_prune import ChannelPrune
 from compression_ops.distill import Distill, kd_loss
 from compression_ops.finetune import TrainSpec, evaluate, fit
+from compression_ops.low_rank import LowRank
 from compression_ops.metrics import model_stats
 
 __all__ = [
     "ChannelPrune",
     "Distill",
+    "LowRank",
     "OpConfig",
     "OpConfigError",
     "OpData",

@@ -1,7 +1,7 @@
 """Dependency-aware channel pruning, wrapping Torch-Pruning's dependency graph.
 
 Torch-Pruning keeps residual adds, concatenations and depthwise groups consistent; we choose the
-importance criterion, the per-layer ratios, and solve for the ratio that meets a MACs target.
+importance criterion, the per-layer ratios, and solve for the ratio that meets a MACs or latency target.
 """
 
 from __future__ import annotations
@@ -9,6 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +21,9 @@ from torch import nn
 from compression_ops.base import OpConfig, OpConfigError, OpData, OpResult, check_range, register_op
 from compression_ops.metrics import count_macs, count_params
 
-IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
+IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "dcp")
+# Importance criteria computed from gradients on labelled batches.
+NEEDS_BATCHES = ("taylor", "dcp")
 
 
 @dataclasses.dataclass
@@ -25,7 +31,12 @@ class ChannelPrune(OpConfig):
     """Remove a fraction of output channels per prunable layer.
 
     ratio: fraction removed from every layer (ignored where per_layer names the layer).
+    importance: l1 / l2 (weight magnitude), bn_scale, taylor (gradient x weight) or dcp
+        (discrimination-aware, see compression_ops.dcp); taylor and dcp need OpData.batches.
     target_macs_reduction: if set, solve the uniform ratio so MACs fall by this factor (e.g. 2.0).
+    target_latency_reduction: if set, solve the uniform ratio so PyTorch eager latency at the example's
+        batch size falls by this factor, measured here (median of latency_repeat runs); noisy, so the
+        report gives the factor measured on the result. At most one target may be set.
     """
 
     op = "channel_prune"
@@ -33,6 +44,8 @@ class ChannelPrune(OpConfig):
     importance: str = "l2"
     per_layer: dict[str, float] | None = None
     target_macs_reduction: float | None = None
+    target_latency_reduction: float | None = None
+    latency_repeat: int = 20
     round_to: int | None = None
     ignore: list[str] = dataclasses.field(default_factory=list)
 
@@ -44,6 +57,13 @@ class ChannelPrune(OpConfig):
             check_range(f"per_layer[{name!r}]", r, 0.0, 1.0, hi_open=True)
         if self.target_macs_reduction is not None:
             check_range("target_macs_reduction", self.target_macs_reduction, 1.0, 1e6, lo_open=True)
+        if self.target_latency_reduction is not None:
+            check_range("target_latency_reduction", self.target_latency_reduction, 1.0, 1e6, lo_open=True)
+            if self.target_macs_reduction is not None:
+                raise OpConfigError(
+                    "target_macs_reduction and target_latency_reduction are both set: keep one of them"
+                )
+        check_range("latency_repeat", self.latency_repeat, 3, 10_000)
         if self.round_to is not None:
             check_range("round_to", self.round_to, 1, 1024)
 
@@ -51,6 +71,10 @@ class ChannelPrune(OpConfig):
 def _importance(name: str):
     import torch_pruning as tp
 
+    if name == "dcp":
+        from compression_ops.dcp import DCPImportance
+
+        return DCPImportance()
     if name == "l1":
         return tp.importance.GroupMagnitudeImportance(p=1)
     if name == "l2":
@@ -60,35 +84,44 @@ def _importance(name: str):
     return tp.importance.GroupTaylorImportance()
 
 
-def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     """Layers whose outputs are the logits: pruning them would change the number of classes."""
     with torch.no_grad():
         n_out = model(example).shape[-1]
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == n_out]
 
 
-def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpData) -> None:
+def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpData) -> dict[str, Any]:
+    """Prune `model` itself; returns what the importance criterion has to report (dcp: its heads)."""
     import torch_pruning as tp
 
     modules = dict(model.named_modules())
     unknown = [n for n in list(cfg.ignore) + list(cfg.per_layer or {}) if n not in modules]
     if unknown:
         raise OpConfigError(f"layer name(s) {unknown} not in the model; names look like {list(modules)[1:4]}")
-    ignored = _output_layers(model, data.example) + [modules[n] for n in cfg.ignore]
+    ignored = output_layers(model, data.example) + [modules[n] for n in cfg.ignore]
     ratio_dict = {modules[n]: r for n, r in (cfg.per_layer or {}).items()}
+    batches = data.limited() if cfg.importance in NEEDS_BATCHES else []
+    if cfg.importance in NEEDS_BATCHES and not batches:
+        what = "gradient x weight" if cfg.importance == "taylor" else "auxiliary heads and gradients"
+        raise OpConfigError(
+            f"importance={cfg.importance!r} needs labelled batches ({what}): pass OpData(example=..., batches=...)"
+        )
+    importance = _importance(cfg.importance)
     pruner = tp.pruner.MetaPruner(
         model,
         data.example,
-        importance=_importance(cfg.importance),
+        importance=importance,
         pruning_ratio=ratio,
         pruning_ratio_dict=ratio_dict or None,
         ignored_layers=ignored,
         round_to=cfg.round_to,
     )
-    if cfg.importance == "taylor":
-        batches = data.limited()
-        if not batches:
-            raise OpConfigError("importance='taylor' needs labelled batches (gradient x weight)")
+    extra: dict[str, Any] = {}
+    if cfg.importance == "dcp":
+        dcp = importance.prepare(model, batches)
+        extra = {"dcp_aux_heads": dcp["aux_heads"], "dcp_aux_head_accuracy": dcp["aux_head_accuracy"]}
+    elif cfg.importance == "taylor":
         model.zero_grad()
         was_training = model.training
         model.eval()  # BN statistics are not to move while gathering gradients
@@ -97,34 +130,93 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
         model.train(was_training)
     pruner.step()
     model.zero_grad(set_to_none=True)
+    return extra
 
 
-def solve_ratio(model: nn.Module, cfg: ChannelPrune, data: OpData, target_reduction: float) -> float:
-    """Bisect the uniform ratio whose pruned model has base_macs / target_reduction MACs or fewer."""
-    base = count_macs(model, data.example)
-    goal = base / target_reduction
-    probe_cfg = dataclasses.replace(cfg, importance="l2")  # which channels go does not change the MACs
+def _bisect_ratio(
+    model: nn.Module,
+    cfg: ChannelPrune,
+    data: OpData,
+    reduction_of: Callable[[nn.Module], float],
+    target: float,
+    steps: int,
+    what: str,
+) -> float:
+    """Bisect the smallest uniform ratio whose pruned model has reduction_of(pruned) >= target."""
+    probe_cfg = dataclasses.replace(cfg, importance="l2")  # which channels go does not change the cost
     # Torch-Pruning skips a layer whose ratio would leave it no channel, which breaks the bisection's
     # monotonicity at high ratios: cap the ratio so the narrowest layer keeps one channel (one group of
     # round_to channels when rounding).
     narrowest = min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
     lo, hi = 0.0, min(0.95, 1.0 - (cfg.round_to or 1) / narrowest)
-    m_hi = copy.deepcopy(model)
-    _prune_in_place(m_hi, probe_cfg, hi, data)
-    if count_macs(m_hi, data.example) > goal:
-        raise OpConfigError(
-            f"a {target_reduction}x MACs reduction is out of reach by channel pruning alone "
-            f"(even ratio {hi} leaves {count_macs(m_hi, data.example) / base:.0%} of the MACs)"
-        )
-    for _ in range(14):
-        mid = (lo + hi) / 2
+
+    def reduction_at(ratio: float) -> float:
         m = copy.deepcopy(model)
-        _prune_in_place(m, probe_cfg, mid, data)
-        if count_macs(m, data.example) <= goal:
+        _prune_in_place(m, probe_cfg, ratio, data)
+        return reduction_of(m)
+
+    at_hi = reduction_at(hi)
+    if at_hi < target:
+        raise OpConfigError(
+            f"a {target}x {what} reduction is out of reach by channel pruning alone "
+            f"(even ratio {hi:.4g} gives {at_hi:.2f}x, i.e. leaves {1 / at_hi:.0%} of the {what})"
+        )
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if reduction_at(mid) >= target:
             hi = mid
         else:
             lo = mid
     return math.ceil(hi * 1e4) / 1e4  # round up: rounding down can fall back below the goal
+
+
+def solve_ratio(model: nn.Module, cfg: ChannelPrune, data: OpData, target_reduction: float) -> float:
+    """Bisect the uniform ratio whose pruned model has base_macs / target_reduction MACs or fewer."""
+    base = count_macs(model, data.example)
+    return _bisect_ratio(
+        model, cfg, data, lambda m: base / max(count_macs(m, data.example), 1), target_reduction, 14, "MACs"
+    )
+
+
+def latency_reduction(base: nn.Module, candidate: nn.Module, x: torch.Tensor, repeat: int = 20, warmup: int = 3) -> tuple[float, float, float]:
+    """(base / candidate median latency, base ms, candidate ms): PyTorch eager, inference_mode.
+
+    The two models run interleaved so that load from other processes hits both alike.
+    """
+    was = base.training, candidate.training
+    base.eval()
+    candidate.eval()
+    tb, tc = [], []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            base(x)
+            candidate(x)
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            base(x)
+            t1 = time.perf_counter()
+            candidate(x)
+            t2 = time.perf_counter()
+            tb.append(t1 - t0)
+            tc.append(t2 - t1)
+    base.train(was[0])
+    candidate.train(was[1])
+    mb, mc = statistics.median(tb), statistics.median(tc)
+    return mb / max(mc, 1e-12), mb * 1e3, mc * 1e3
+
+
+# Latency is noisy: few bisection steps, each on medians; the result's own factor is measured again.
+LATENCY_BISECTION_STEPS = 6
+
+
+def solve_latency_ratio(model: nn.Module, cfg: ChannelPrune, data: OpData, target_reduction: float) -> float:
+    """Bisect the uniform ratio whose pruned model runs target_reduction times faster (eager, measured)."""
+    x = data.example
+
+    def reduction_of(m: nn.Module) -> float:
+        return latency_reduction(model, m, x, repeat=cfg.latency_repeat)[0]
+
+    return _bisect_ratio(model, cfg, data, reduction_of, target_reduction, LATENCY_BISECTION_STEPS, "latency")
 
 
 @register_op(ChannelPrune)
@@ -132,23 +224,29 @@ def channel_prune(model: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult
     """Prune a copy of `model`; the original is left untouched."""
     if not isinstance(data, OpData):
         raise OpConfigError("channel_prune needs OpData(example=<input tensor>, batches=...)")
+    base = model
     model = copy.deepcopy(model)
     macs0, params0 = count_macs(model, data.example), count_params(model)
     ratio = cfg.ratio
     if cfg.target_macs_reduction is not None:
         ratio = solve_ratio(model, cfg, data, cfg.target_macs_reduction)
-    _prune_in_place(model, cfg, ratio, data)
+    elif cfg.target_latency_reduction is not None:
+        ratio = solve_latency_ratio(model, cfg, data, cfg.target_latency_reduction)
+    extra = _prune_in_place(model, cfg, ratio, data)
     macs1, params1 = count_macs(model, data.example), count_params(model)
-    return OpResult(
-        model,
-        {
-            "op": cfg.op,
-            "ratio": ratio,
-            "importance": cfg.importance,
-            "macs_before": macs0,
-            "macs_after": macs1,
-            "macs_reduction": macs0 / max(macs1, 1),
-            "params_before": params0,
-            "params_after": params1,
-        },
-    )
+    report = {
+        "op": cfg.op,
+        "ratio": ratio,
+        "importance": cfg.importance,
+        "macs_before": macs0,
+        "macs_after": macs1,
+        "macs_reduction": macs0 / max(macs1, 1),
+        "params_before": params0,
+        "params_after": params1,
+        **extra,
+    }
+    if cfg.target_latency_reduction is not None:
+        # 3x the repeats of a bisection probe: this is the figure the report stands on.
+        lat, ms0, ms1 = latency_reduction(base, model, data.example, repeat=3 * cfg.latency_repeat)
+        report.update({"latency_reduction": lat, "latency_before_ms": ms0, "latency_after_ms": ms1})
+    return OpResult(model, report)

@@ -3,6 +3,10 @@
 A checkpoint names the architecture (zoo name or user factory + kwargs), records the shape of each
 Conv/Linear/BatchNorm layer (pruning changes them), and holds a plain state_dict. Loading rebuilds the
 architecture, resizes layers to the recorded shapes, then loads the weights strictly.
+
+A layer that an op replaced by a chain of layers (low-rank factorisation turns a Conv2d into a
+Sequential of Conv2d) is recorded under "factorised" and rebuilt before the resizing. Checkpoints
+written before that key existed have none and load as before.
 """
 
 from __future__ import annotations
@@ -32,6 +36,51 @@ def structure_of(model: nn.Module) -> dict[str, dict[str, int]]:
         elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
             out[name] = {"num_features": m.num_features}
     return out
+
+
+def _layer_spec(m: nn.Module) -> dict[str, Any]:
+    if isinstance(m, nn.Linear):
+        return {"kind": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+    return {
+        "kind": "conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
+        "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+        "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None, "padding_mode": m.padding_mode,
+    }
+
+
+def _build_layer(spec: dict[str, Any]) -> nn.Module:
+    if spec["kind"] == "linear":
+        return nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
+    pad = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
+    return nn.Conv2d(
+        spec["in"], spec["out"], tuple(spec["kernel"]), tuple(spec["stride"]), pad, tuple(spec["dilation"]),
+        spec["groups"], spec["bias"], spec["padding_mode"],
+    )
+
+
+def factorised_of(model: nn.Module) -> dict[str, list[dict[str, Any]]]:
+    """Every plain nn.Sequential made only of Conv2d/Linear layers (what factorisation puts in place of
+    one layer), as the layer specs that rebuild it. Rebuilding one the architecture had anyway is harmless."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, m in model.named_modules():
+        if name and type(m) is nn.Sequential and len(m) and all(type(c) in (nn.Conv2d, nn.Linear) for c in m):
+            out[name] = [_layer_spec(c) for c in m]
+    return out
+
+
+def apply_factorised(model: nn.Module, factorised: dict[str, list[dict[str, Any]]]) -> nn.Module:
+    """Put the recorded chains of layers in place of the architecture's modules, in place; weights are
+    left for load_state_dict to fill."""
+    for name, specs in factorised.items():
+        parent_name, _, leaf = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            parent = None
+        if parent is None or leaf not in parent._modules:
+            raise ModelLoadError(f"checkpoint factorised layer {name!r} does not exist in the rebuilt model")
+        setattr(parent, leaf, nn.Sequential(*[_build_layer(s) for s in specs]))
+    return model
 
 
 def apply_structure(model: nn.Module, structure: dict[str, dict[str, int]]) -> nn.Module:
@@ -77,6 +126,7 @@ def save_checkpoint(
         "input_shape": list(input_shape),
         "num_classes": int(num_classes),
         "structure": structure_of(model),
+        "factorised": factorised_of(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta or {},
     }
@@ -104,6 +154,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ArtifactError(f"{path} is not a {FORMAT} checkpoint; re-run the stage that writes it")
     in_channels = payload["input_shape"][0]
     model = build_arch(payload["arch"], in_channels=in_channels, num_classes=payload["num_classes"])
+    apply_factorised(model, payload.get("factorised", {}))
     apply_structure(model, payload["structure"])
     load_weights_strict(model, payload["state_dict"], source=str(path))
     model.eval()

@@ -9,7 +9,7 @@ X = torch.randn(1, 1, 28, 28)
 
 
 @pytest.mark.parametrize("name", ["resnet8", "mobilenet_tiny"])
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "taylor"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "taylor", "dcp"])
 def test_prune_removes_channels_and_keeps_shapes(name, importance):
     m = create_model(name, in_channels=1, num_classes=10)
     batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
@@ -107,3 +107,77 @@ def test_macs_target_with_hardware_friendly_widths():
     assert res.report["macs_reduction"] >= 2.0
     convs = [mod for mod in res.model.modules() if isinstance(mod, torch.nn.Conv2d)]
     assert all(c.out_channels % 4 == 0 for c in convs)
+
+
+def _labelled(n: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+
+
+def test_dcp_prunes_keeps_shapes_and_reports_heads():
+    torch.manual_seed(0)
+    m = create_model("resnet8", in_channels=1, num_classes=10)
+    data = OpData(example=X, batches=_labelled())
+    res = apply(m, ChannelPrune(ratio=0.5, importance="dcp"), data)
+    p = res.model.eval()
+    assert p(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert res.report["macs_after"] < 0.4 * res.report["macs_before"]
+    # one head at the end of each stage but the last (the model's own classifier covers that one)
+    assert res.report["dcp_aux_heads"] == ["layers.0", "layers.1"]
+    assert all(q.grad is None for q in p.parameters())
+    l2 = apply(m, ChannelPrune(ratio=0.5, importance="l2"), data).model
+    differs = [
+        n for (n, a), (_, b) in zip(p.named_modules(), l2.named_modules(), strict=True)
+        if isinstance(a, torch.nn.Conv2d) and not torch.equal(a.weight, b.weight)
+    ]
+    assert differs  # a different criterion keeps different channels somewhere
+
+
+def test_dcp_removes_dead_channels_first():
+    # A channel whose BN output is always zero carries no gradient to its consumers: DCP scores it 0.
+    torch.manual_seed(0)
+    m = create_model("mobilenet_tiny", in_channels=1, num_classes=10).eval()
+    pw = m.blocks[2].pw
+    dead = [1, 5, 9, 13, 17, 21, 25, 29]
+    with torch.no_grad():
+        pw[1].weight[dead] = 0.0
+        pw[1].bias[dead] = 0.0
+        pw[0].weight[dead] *= 100  # big weights: magnitude criteria would keep them
+    p = apply(m, ChannelPrune(ratio=0.0, per_layer={"blocks.2.pw.0": 0.125}, importance="dcp"),
+              OpData(example=X, batches=_labelled())).model
+    kept = p.blocks[2].pw[1].weight
+    assert kept.shape == (56,) and bool((kept != 0).all())
+
+
+def test_dcp_and_aux_points_on_mobilenet():
+    from compression_ops.dcp import aux_points
+
+    m = create_model("mobilenet_tiny", in_channels=1, num_classes=10)
+    assert aux_points(m, X) == ["blocks.0", "blocks.2"]
+    flat = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    assert aux_points(flat, X) == ["1"]  # no downsampling: one head at the middle feature map
+
+
+def test_dcp_needs_batches():
+    m = create_model("resnet8", in_channels=1, num_classes=10)
+    with pytest.raises(OpConfigError, match=r"importance='dcp' needs labelled batches"):
+        apply(m, ChannelPrune(ratio=0.2, importance="dcp"), OpData(example=X))
+
+
+def test_latency_target_reports_measured_factor():
+    m = create_model("resnet8", in_channels=1, num_classes=10)
+    res = apply(m, ChannelPrune(target_latency_reduction=1.3, latency_repeat=5), OpData(example=X))
+    assert 0.0 < res.report["ratio"] < 1.0
+    assert res.report["latency_reduction"] >= 1.0  # timing on a shared machine: no tight bound
+    assert res.report["latency_before_ms"] > 0 and res.report["latency_after_ms"] > 0
+    assert res.report["macs_reduction"] > 1.0
+
+
+def test_only_one_target():
+    with pytest.raises(OpConfigError, match="both set: keep one"):
+        ChannelPrune(target_macs_reduction=2.0, target_latency_reduction=2.0)
+    with pytest.raises(OpConfigError, match=r"target_latency_reduction=0.5"):
+        ChannelPrune(target_latency_reduction=0.5)
+    c = ChannelPrune(target_latency_reduction=1.5, importance="dcp")
+    assert config_from_dict(c.to_dict()) == c
