@@ -1,4 +1,5 @@
-"""Knowledge distillation: the compressed student learns the base model's softened outputs."""
+"""Knowledge distillation: the compressed student learns the base model's softened outputs and,
+optionally, its penultimate features (a FitNets-style hint through a learned linear adapter)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from compression_ops.base import OpConfig, check_range
 
@@ -18,10 +20,12 @@ class Distill(OpConfig):
     phase = "finetune"
     temperature: float = 4.0
     alpha: float = 0.7
+    hint_weight: float = 0.0  # weight of the feature (hint) loss; 0 turns it off
 
     def validate(self) -> None:
         check_range("temperature", self.temperature, 0.0, 100.0, lo_open=True)
         check_range("alpha", self.alpha, 0.0, 1.0)
+        check_range("hint_weight", self.hint_weight, 0.0, 1000.0)
 
 
 def kd_loss(
@@ -40,3 +44,41 @@ def kd_loss(
     ) * (t * t)  # T^2 keeps the soft term's gradient scale independent of T
     hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     return cfg.alpha * soft + (1.0 - cfg.alpha) * hard
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The last nn.Linear of the model: its input is the penultimate feature vector."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier; a feature hint needs one")
+    return linears[-1]
+
+
+class FeatureHint:
+    """Captures student and teacher penultimate features; `loss()` is the MSE through a linear adapter.
+
+    The adapter maps the (possibly pruned, narrower) student features to the teacher's width; it is
+    trained with the student (its parameters go to the optimizer) and discarded afterwards.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        s_lin, t_lin = classifier_layer(student), classifier_layer(teacher)
+        self.adapter = nn.Linear(s_lin.in_features, t_lin.in_features, bias=False)
+        if s_lin.in_features == t_lin.in_features:
+            nn.init.eye_(self.adapter.weight)
+        self._feats: dict[str, torch.Tensor] = {}
+        self._handles = [
+            s_lin.register_forward_pre_hook(lambda _m, args: self._feats.__setitem__("s", args[0])),
+            t_lin.register_forward_pre_hook(lambda _m, args: self._feats.__setitem__("t", args[0])),
+        ]
+
+    def parameters(self):
+        return self.adapter.parameters()
+
+    def loss(self) -> torch.Tensor:
+        s, t = self._feats["s"], self._feats["t"].detach()
+        return F.mse_loss(self.adapter(s.flatten(1)), t.flatten(1))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression_ops.base import Batches, TrainHook, check_range
-from compression_ops.distill import Distill, kd_loss
+from compression_ops.distill import Distill, FeatureHint, kd_loss
 
 
 @dataclasses.dataclass
@@ -77,8 +77,10 @@ def fit(
     model.to(memory_format=torch.channels_last)
     if use_kd:
         teacher.eval().to(memory_format=torch.channels_last)
+    hint = FeatureHint(model, teacher) if use_kd and distill.hint_weight > 0 else None
     decay, no_decay = [], []
-    for p in model.parameters():
+    params = list(model.parameters()) + (list(hint.parameters()) if hint else [])
+    for p in params:
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
     opt = torch.optim.SGD(
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -108,6 +110,8 @@ def fit(
                 with torch.no_grad():
                     t_out = teacher(x)
                 loss = kd_loss(out, t_out, y, distill, spec.label_smoothing)
+                if hint is not None:
+                    loss = loss + distill.hint_weight * hint.loss()
             else:
                 loss = F.cross_entropy(out, y, label_smoothing=spec.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -126,6 +130,8 @@ def fit(
         history.append(row)
         if on_epoch:
             on_epoch(epoch + 1, row)
+    if hint is not None:
+        hint.remove()
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history

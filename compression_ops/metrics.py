@@ -1,4 +1,4 @@
-"""Size and cost of a model: parameters, MACs, serialized bytes, sparsity."""
+"""Size and cost of a model: parameters, MACs, serialized bytes, sparsity, weight bits."""
 
 from __future__ import annotations
 
@@ -41,11 +41,25 @@ def sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
+def weight_bits(model: nn.Module) -> float:
+    """Mean bits per conv/linear weight: a layer quantized or clustered by an op says so in `weight_bits`;
+    any other layer counts as 32-bit float."""
+    total = bits = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and (isinstance(m, nn.Conv2d | nn.Linear) or hasattr(m, "weight_bits")):
+            n = w.numel()
+            total += n
+            bits += n * int(getattr(m, "weight_bits", 32))
+    return bits / total if total else 32.0
+
+
 def model_stats(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    """params, MACs (per image), bytes, sparsity."""
+    """params, MACs (per image), bytes, sparsity, mean weight bits."""
     return {
         "params": count_params(model),
         "macs": count_macs(model, example[:1]),
         "bytes": serialized_bytes(model),
         "sparsity": round(sparsity(model), 6),
+        "weight_bits": round(weight_bits(model), 3),
     }

@@ -60,3 +60,25 @@ def test_fit_zero_epochs_is_a_no_op(splits):
     before = copy.deepcopy(m.state_dict())
     assert fit(m, splits.batches("train", 32, train=True), TrainSpec(epochs=0, lr=0.1)) == []
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_feature_hint_trains_student_features_only(splits):
+    from compression_ops.distill import FeatureHint
+
+    teacher = create_model("resnet8", in_channels=1, num_classes=4, width=8).eval()
+    student = create_model("resnet8", in_channels=1, num_classes=4, width=4)
+    x = splits.tensors["val"][0][:32]
+    hint = FeatureHint(student, teacher)
+    student(x), teacher(x)
+    assert hint.adapter.weight.shape == (teacher.fc.in_features, student.fc.in_features)
+    hint.loss().backward()
+    assert student.stem[0].weight.grad.abs().sum() > 0  # the hint reaches the student's backbone
+    assert hint.adapter.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    hint.remove()
+
+    fit(student, splits.batches("train", 32, train=True), TrainSpec(epochs=3, lr=0.05), teacher=teacher,
+        distill=Distill(temperature=4, alpha=0.5, hint_weight=1.0))
+    assert not student.fc._forward_pre_hooks and not teacher.fc._forward_pre_hooks  # hooks removed
+    with pytest.raises(OpConfigError, match="hint_weight"):
+        Distill(hint_weight=-1)
