@@ -7,17 +7,22 @@ from compression_ops.base import OpConfig, OpConfigError, OpData, OpResult, Trai
 from compression_ops.channel_prune import ChannelPrune
 from compression_ops.distill import Distill, kd_loss
 from compression_ops.finetune import TrainSpec, evaluate, fit
+from compression_ops.kmeans_quant import KMeansQuant
 from compression_ops.low_rank import LowRank
 from compression_ops.metrics import model_stats
+from compression_ops.packing import pack_model, packed_size, unpack_model
+from compression_ops.sparsity import Sparsify
 
 __all__ = [
     "ChannelPrune",
     "Distill",
+    "KMeansQuant",
     "LowRank",
     "OpConfig",
     "OpConfigError",
     "OpData",
     "OpResult",
+    "Sparsify",
     "TrainHook",
     "TrainSpec",
     "apply",
@@ -26,4 +31,7 @@ __all__ = [
     "fit",
     "kd_loss",
     "model_stats",
+    "pack_model",
+    "packed_size",
+    "unpack_model",
 ]
