@@ -37,6 +37,13 @@ def _to_cl(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def channels_last_safe(*models: nn.Module) -> bool:
+    """Whether training in channels_last is safe: torch 2.13's CPU conv backward corrupts the heap
+    (double free, segfault) when a conv has fewer than 8 output channels in channels_last, which
+    pruning easily produces; such models train in the default layout instead."""
+    return all(m.out_channels >= 8 for model in models for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
 def evaluate(model: nn.Module, batches: Batches) -> dict[str, float]:
     """Top-1 accuracy in percent and mean cross-entropy."""
     model.eval()
@@ -44,7 +51,7 @@ def evaluate(model: nn.Module, batches: Batches) -> dict[str, float]:
     loss = 0.0
     with torch.inference_mode():
         for x, y in batches:
-            out = model(_to_cl(x))
+            out = model(x)
             loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
             total += len(y)
@@ -74,9 +81,13 @@ def fit(
         return []
     torch.manual_seed(spec.seed)
     use_kd = teacher is not None and distill is not None
-    model.to(memory_format=torch.channels_last)
-    if use_kd:
-        teacher.eval().to(memory_format=torch.channels_last)
+    layout = _to_cl if channels_last_safe(model, *([teacher] if use_kd else [])) else (lambda x: x)
+    if layout is _to_cl:
+        model.to(memory_format=torch.channels_last)
+        if use_kd:
+            teacher.eval().to(memory_format=torch.channels_last)
+    elif use_kd:
+        teacher.eval()
     hint = FeatureHint(model, teacher) if use_kd and distill.hint_weight > 0 else None
     decay, no_decay = [], []
     params = list(model.parameters()) + (list(hint.parameters()) if hint else [])
@@ -104,7 +115,7 @@ def fit(
         for x, y in it:
             for h in hooks:
                 h.before_step(step, steps)
-            x = _to_cl(x)
+            x = layout(x)
             out = model(x)
             if use_kd:
                 with torch.no_grad():
