@@ -11,6 +11,7 @@ from compression_ops.kmeans_quant import KMeansQuant
 from compression_ops.low_rank import LowRank
 from compression_ops.metrics import model_stats
 from compression_ops.packing import pack_model, packed_size, unpack_model
+from compression_ops.quantize import QuantAware, QuantizeInt8
 from compression_ops.sparsity import Sparsify
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "OpConfigError",
     "OpData",
     "OpResult",
+    "QuantAware",
+    "QuantizeInt8",
     "Sparsify",
     "TrainHook",
     "TrainSpec",

@@ -1,0 +1,256 @@
+"""Static int8 quantization of an exported fp32 ONNX model, run by ONNX Runtime's int8 CPU kernels.
+
+The graph is quantized in QDQ form (ONNX Runtime's recommended CPU format): QUInt8 activations per
+tensor, QInt8 symmetric weights per output channel, which ONNX Runtime fuses into QLinearConv /
+QGemm-style kernels when it loads the model. Activation ranges come from compression_ops.quantize's
+choose_range (the same calibration as the PyTorch simulation): the fp32 graph runs on the calibration
+data with every float tensor exposed, and the ranges reach ONNX Runtime's quantizer as
+TensorQuantOverrides rmin/rmax, which replace its own calibrator's figures. On x86 CPUs without VNNI
+the weights use 7 of the 8 bits (reduce_range; see cpu_needs_reduce_range), so there the artifact's
+weights are one bit coarser than the PyTorch simulation's.
+
+The exporter already folds BatchNorm into Conv (torch's ONNX optimizer) and ONNX Runtime's
+quant_pre_process folds what is left, so no BatchNormalization reaches the quantizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.engines.base import sha256_file
+from tasks.engines.onnx_runtime import load_onnx, meta_path
+from tasks.errors import StageError
+
+METHODS = ("minmax", "percentile", "mse")
+# Op types of ONNX Runtime's integer kernels: at least one must be left after session optimization.
+INT8_OPS = frozenset({
+    "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
+    "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearReduceMean",
+    "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearWhere",
+    "DynamicQuantizeMatMul",
+})
+
+
+def cpu_needs_reduce_range() -> bool:
+    """True on x86 CPUs without VNNI. Their int8 GEMM (AVX2 vpmaddubsw) adds pairs of u8 x s8 products in
+    16 bits, which saturate with full-range int8 weights; ONNX Runtime's guidance is 7-bit weights there.
+    Measured on an AVX2 EPYC: logits off the QDQ reference by 6 quantization steps with 8-bit weights,
+    by 1 with reduce_range."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume the older CPU, whose results stay right either way
+        return True
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _session(path: Path, *, optimized_to: Path | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_to is not None:
+        opts.optimized_model_filepath = str(optimized_to)
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def optimized_op_types(path: Path) -> Counter:
+    """Op types (with counts) of the graph ONNX Runtime actually runs for path on this CPU."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="ort_opt.") as d:
+        opt = Path(d) / "optimized.onnx"
+        _session(Path(path), optimized_to=opt)
+        return Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+
+
+def int8_kernel_ops(path: Path) -> list[str]:
+    """The integer-kernel op types (QLinearConv, ...) in ONNX Runtime's optimized graph for path."""
+    return sorted(set(optimized_op_types(path)) & INT8_OPS)
+
+
+def _batches(x: np.ndarray, size: int):
+    for i in range(0, len(x), size):
+        yield np.ascontiguousarray(x[i : i + size], dtype=np.float32)
+
+
+def activation_ranges(
+    model_path: Path, calib: np.ndarray, method: str, *, percentile: float = 99.99, batch_size: int = 64
+) -> dict[str, tuple[float, float]]:
+    """(rmin, rmax) of every float tensor of the graph that is not a weight, from choose_range (unsigned)."""
+    import onnx
+    import torch
+
+    from compression_ops.quantize import RangeObserver
+
+    model = onnx.load(str(model_path))
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    typed = {v.name: v for v in list(g.value_info) + list(g.input) + list(g.output)}
+    float_t = onnx.TensorProto.FLOAT
+    names = [i.name for i in g.input if i.name not in inits]
+    for n in g.node:
+        names += [o for o in n.output if o and o in typed and typed[o].type.tensor_type.elem_type == float_t]
+    names = list(dict.fromkeys(names))
+    present = {o.name for o in g.output}
+    g.output.extend(typed[n] for n in names if n not in present)
+    with tempfile.TemporaryDirectory(prefix="calib.") as d:
+        exposed = Path(d) / "exposed.onnx"
+        onnx.save(model, str(exposed))
+        sess = _session(exposed)
+        out_names = [o.name for o in sess.get_outputs()]
+        observers = {n: RangeObserver() for n in names}
+        input_name = sess.get_inputs()[0].name
+        for xb in _batches(calib, batch_size):
+            feeds = {input_name: xb}
+            for name, value in zip(out_names, sess.run(None, feeds), strict=True):
+                if name in observers:
+                    observers[name].observe(torch.from_numpy(np.asarray(value)))
+            observers[input_name].observe(torch.from_numpy(xb))
+    return {n: o.range(method, bits=8, signed=False, percentile=percentile) for n, o in observers.items()}
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over one batch: its calibrator must run, but every
+    range it finds is overridden."""
+
+    def __init__(self, input_name: str, x: np.ndarray):
+        self._it = iter([{input_name: x}])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def quantize_onnx_int8(
+    fp32_onnx: Path,
+    out: Path,
+    calib: np.ndarray,
+    method: str = "minmax",
+    per_channel: bool = True,
+    *,
+    percentile: float = 99.99,
+    batch_size: int = 64,
+    reduce_range: bool | None = None,
+) -> dict[str, Any]:
+    """Write a QDQ int8 copy of fp32_onnx to out (atomically) with a sidecar meta; returns the meta.
+
+    calib: float32 NCHW calibration images. reduce_range: 7-bit weights; None picks it for this CPU
+    (cpu_needs_reduce_range). A previous `out` and its meta are removed first, so a failed call leaves
+    none. The meta records the sha256, file sizes, the integer kernels ONNX Runtime runs, and the top-1
+    agreement with the fp32 model on calib.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    fp32_onnx, out = Path(fp32_onnx), Path(out)
+    calib = np.asarray(calib, dtype=np.float32)
+    if calib.ndim == 0 or len(calib) == 0:
+        raise ValueError("quantize_onnx_int8 needs at least one calibration image")
+    if reduce_range is None:
+        reduce_range = cpu_needs_reduce_range()
+    out.unlink(missing_ok=True)
+    meta_path(out).unlink(missing_ok=True)
+    fp32 = load_onnx(fp32_onnx, threads=1)  # ArtifactError when missing, corrupt or not matching its meta
+    fp32_logits = np.concatenate([fp32.run(xb) for xb in _batches(calib, batch_size)])  # checks the shape
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with tempfile.TemporaryDirectory(prefix="int8.") as d:
+            pre = Path(d) / "pre.onnx"
+            quant_pre_process(str(fp32_onnx), str(pre))
+            ranges = activation_ranges(pre, calib, method, percentile=percentile, batch_size=batch_size)
+            input_name = onnx.load(str(pre)).graph.input[0].name
+            overrides = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for n, (lo, hi) in ranges.items()}
+            # The quantizer logs advice (pre-processing, per-channel speed) on the root logger.
+            with _quiet_logging(), contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(
+                    str(pre),
+                    str(tmp),
+                    _Reader(input_name, calib[:batch_size]),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"TensorQuantOverrides": overrides},
+                )
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+        int8_ops = int8_kernel_ops(tmp)
+        if not int8_ops:
+            raise StageError(f"the int8 model quantized from {fp32_onnx} runs no integer kernel in ONNX Runtime "
+                             f"(optimized ops: {dict(optimized_op_types(tmp))}); this ONNX Runtime build "
+                             "cannot run it in int8")
+        int8 = load_onnx(tmp, threads=1, verify=False)
+        int8_logits = np.concatenate([int8.run(xb) for xb in _batches(calib, batch_size)])
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    agreement = float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean())
+    meta = {
+        "engine": "onnxruntime",
+        "format": "QDQ",
+        "file": out.name,
+        "source": fp32_onnx.name,
+        "sha256": sha256_file(out),
+        "file_bytes": out.stat().st_size,
+        "fp32_file_bytes": fp32_onnx.stat().st_size,
+        "input_name": input_name,
+        "input_shape": list(fp32.input_shape),
+        "input_dtype": "float32",
+        "activation_type": "uint8 per tensor (asymmetric)",
+        "weight_type": f"int8 {'per channel' if per_channel else 'per tensor'} (symmetric)",
+        "reduce_range": reduce_range,
+        "weight_levels": "-64..64 (7-bit, reduce_range)" if reduce_range else "-127..127",
+        "calibration": method,
+        "percentile": percentile if method == "percentile" else None,
+        "calib_images": len(calib),
+        "tensors_calibrated": len(ranges),
+        "int8_ops": int8_ops,
+        "top1_agreement": agreement,
+        "max_abs_diff_logits": float(np.abs(int8_logits - fp32_logits).max()),
+    }
+    _write_json_atomic(meta_path(out), meta)
+    return meta
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
