@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from tasks.engines.base import sha256_file
-from tasks.engines.onnx_runtime import load_onnx, meta_path
+from tasks.engines.onnx_runtime import load_onnx, meta_path, strip_metadata
 from tasks.errors import StageError
 
 METHODS = ("minmax", "percentile", "mse")
@@ -195,6 +195,7 @@ def quantize_onnx_int8(
                     calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"TensorQuantOverrides": overrides},
                 )
+        strip_metadata(tmp)
         onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
         int8_ops = int8_kernel_ops(tmp)
         if not int8_ops:
