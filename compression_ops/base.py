@@ -92,6 +92,22 @@ def apply(model: nn.Module, config: OpConfig, data: Any = None) -> OpResult:
     return _OPS[config.op](model, config, data)
 
 
+def to_plain(model: nn.Module) -> nn.Module:
+    """Replace every training-time wrapper (a module with a `to_plain()` method, e.g. fake-quant) by the
+    plain module it stands for, with its compressed weights baked in; in place, returns the model."""
+    for name, child in list(model.named_children()):
+        if hasattr(child, "to_plain"):
+            setattr(model, name, child.to_plain())
+        else:
+            to_plain(child)
+    return model
+
+
+def report_scalars(report: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of an op report (what goes to MLflow metrics and one-line summaries)."""
+    return {k: float(v) for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def config_from_dict(d: dict[str, Any]) -> OpConfig:
     """Rebuild a config from its JSON form ({"op": name, ...fields})."""
     d = dict(d)

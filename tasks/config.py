@@ -66,12 +66,32 @@ class DistillConfig(_Strict):
     enabled: bool = True
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the KD term; 1-alpha on the labels")
+    hint_weight: float = Field(0.0, ge=0, description="weight of the penultimate-feature (hint) loss; 0: off")
+
+
+class SensitivityConfig(_Strict):
+    enabled: bool = True
+    prune_ratios: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
+    weight_bits: list[Annotated[int, Field(ge=1, le=8)]] = Field(default_factory=lambda: [8, 4, 2])
+    val_images: int = Field(2000, gt=0, description="validation images per evaluation (a subset keeps it fast)")
 
 
 class CompressionConfig(_Strict):
-    ops: list[Literal["channel_prune"]] = Field(default_factory=lambda: ["channel_prune"])
-    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
-    ratio: float | None = Field(None, gt=0, lt=1, description="pin a pruning ratio instead of solving for the goal")
+    plan: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"op": "channel_prune"}],
+        description="ops applied in order, each {op: name, ...its fields}; see compression_ops",
+    )
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+
+    @field_validator("plan")
+    @classmethod
+    def _ops_named(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Field values are checked by the op configs themselves when the compress stage builds the plan
+        # (importing them here would pull torch into every DAG parse).
+        for i, item in enumerate(v):
+            if not isinstance(item.get("op"), str):
+                raise ValueError(f"plan[{i}] needs an 'op' name, e.g. {{op: channel_prune, ratio: 0.3}}")
+        return v
 
 
 class FinetuneConfig(_Strict):

@@ -40,7 +40,8 @@ def test_every_stage_wrote_its_artifacts(e2e_run):
     assert state["completed"] == list(STAGES)
     for f in ("prepare_data/dataset.npz", "train_base/model.pt", "compress/plan.json", "finetune/model.pt",
               "compile/compressed/host/model.so", "compile/compressed/model.onnx", "benchmark/latency.json",
-              "register/report.md", "register/model/model.pt"):
+              "register/report.md", "register/model/model.pt", "compress/sensitivity.png",
+              "compress/sensitivity.json", "finetune/model.packed", "compile/compressed/model.int8.onnx"):
         assert (run / f).is_file(), f
     assert not list(run.glob(".*.tmp")), "scratch folders left behind"
     assert "goal MET" in proc.stdout and "latency tvm host b1" in proc.stdout
@@ -55,6 +56,10 @@ def test_compressed_model_meets_its_goal(e2e_run):
     assert comp["macs_reduction"] >= 1.5
     assert base["test_accuracy"] - comp["test_accuracy"] <= 3.0
     assert comp["goal_met"] is True
+    # the plan ends in int8: the goal is checked on the quantized model, and the float one is kept too
+    assert comp["post_training_ops"] == ["quantize_int8"] and "test_accuracy_before_post_ops" in comp
+    sens = json.loads((run / "compress/sensitivity.json").read_text())
+    assert {s["kind"] for s in sens["scans"]} == {"channel_prune", "weight_bits"}
 
 
 def test_compiled_artifacts_agree_with_pytorch(e2e_run):
@@ -63,9 +68,12 @@ def test_compiled_artifacts_agree_with_pytorch(e2e_run):
     engines = {(c["model"], c["engine"]) for c in lat["checks"]}
     assert {("compressed", "tvm"), ("compressed", "onnxruntime"), ("base", "tvm")} <= engines
     for c in lat["checks"]:
-        if c["engine"] != "pytorch":
+        if c["engine"] == "onnxruntime_int8":  # quantized: close to float, not equal
+            assert c["top1_agreement_vs_pytorch"] > 0.95, c
+        elif c["engine"] != "pytorch":
             assert c["max_abs_diff_vs_pytorch"] < 1e-3, c
             assert c["top1_agreement_vs_pytorch"] > 0.99, c
+    assert ("compressed", "onnxruntime_int8") in engines
     assert {p["batch"] for p in lat["pairs"]} == {1, 32}
     assert all(p["base_ms"] > 0 and p["compressed_ms"] > 0 for p in lat["pairs"])
 

@@ -35,6 +35,9 @@ def _runners(ctx: StageContext, threads: int) -> dict[tuple[str, str, str], Any]
             out[(which, "pytorch", "host")] = TorchRunner(models[which])
         if "onnxruntime" in engines:
             out[(which, "onnxruntime", "host")] = load_onnx(ctx.paths.require("compile", f"{which}/model.onnx"), threads)
+            int8 = compiled / which / "model.int8.onnx"
+            if int8.is_file():  # the plan quantized the compressed model: its deployable form
+                out[(which, "onnxruntime_int8", "host")] = load_onnx(int8, threads)
         if "tvm" in engines:
             for name in ctx.cfg.targets:
                 if get_device(name).rpc is None:  # remote devices are measured over RPC (issue 5)
@@ -51,6 +54,7 @@ def _check(runners: dict, x_test: np.ndarray, y_test: np.ndarray, batch: int) ->
         logits[key] = np.concatenate(parts)
     n = len(next(iter(logits.values())))
     for (which, engine, target), lg in logits.items():
+        # int8 is compared with float PyTorch: the agreement shows what quantization changed
         ref = logits.get((which, "pytorch", "host"))
         rows.append({
             "model": which,
@@ -81,13 +85,15 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
                 which, engine, target = key_s.split("|")
                 rows.append({"model": which, "engine": engine, "target": target, "batch": batch, **st})
     pairs = []
-    for r in rows:
-        if r["model"] != "base":
+    for c in rows:
+        if c["model"] != "compressed":
             continue
-        c = next(x for x in rows if x["model"] == "compressed" and
-                 (x["engine"], x["target"], x["batch"]) == (r["engine"], r["target"], r["batch"]))
+        # int8 has no base of its own: it is compared with the base on the same engine in fp32
+        base_engine = c["engine"].removesuffix("_int8")
+        r = next(x for x in rows if x["model"] == "base" and
+                 (x["engine"], x["target"], x["batch"]) == (base_engine, c["target"], c["batch"]))
         pairs.append({
-            "engine": r["engine"], "target": r["target"], "batch": r["batch"],
+            "engine": c["engine"], "target": c["target"], "batch": c["batch"],
             "base_ms": r["median_ms"], "compressed_ms": c["median_ms"],
             "base_p90_ms": r["p90_ms"], "compressed_p90_ms": c["p90_ms"],
             "speedup": r["median_ms"] / c["median_ms"],

@@ -1,6 +1,8 @@
 """Stage 5: compile base and compressed models for every target (TVM), and export ONNX beside them.
 
-Both are compiled so the benchmark compares them on the same engine.
+Both are compiled so the benchmark compares them on the same engine. When the plan quantizes to int8
+after training, the compressed ONNX graph is quantized (QDQ, calibrated as the plan says) into
+model.int8.onnx, which ONNX Runtime executes with int8 kernels.
 """
 
 from __future__ import annotations
@@ -9,11 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from tasks.devices import get_device
+from tasks.engines.onnx_int8 import quantize_onnx_int8
 from tasks.engines.onnx_runtime import export_onnx
 from tasks.engines.tvm_build import build_tvm
 from tasks.progress import say
 from tasks.stages.context import StageContext
-from tasks.workspace import write_json
+from tasks.stages.plan import ops_in_phase, plan_from_json
+from tasks.workspace import read_json, write_json
+
+
+def _int8(ctx: StageContext, out: Path) -> dict[str, Any] | None:
+    plan = plan_from_json(read_json(ctx.paths.require("compress", "plan.json")))
+    quant = [op for op in ops_in_phase(plan, "post") if op.op == "quantize_int8"]
+    if not quant:
+        return None
+    q = quant[-1]
+    calib = ctx.splits().tensors["train"][0][: 64 * q.calib_batches].numpy()
+    meta = quantize_onnx_int8(out / "compressed" / "model.onnx", out / "compressed" / "model.int8.onnx", calib,
+                              method=q.calibration)
+    say(f"ONNX int8 (QDQ, {q.calibration} calibration): {meta['file_bytes'] / 1e3:.1f} kB, "
+        f"top-1 agreement with fp32 {meta['top1_agreement']:.3f}")
+    return meta
 
 
 def run(ctx: StageContext, out: Path) -> dict[str, Any]:
@@ -37,6 +55,10 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         entry["onnx"] = onnx_meta
         ctx.tracker.metrics({f"{which}.onnx_max_abs_diff": onnx_meta["max_abs_diff"]})
         summary[which] = entry
+    int8 = _int8(ctx, out)
+    if int8 is not None:
+        summary["compressed"]["onnx_int8"] = int8
+        ctx.tracker.metrics({"compressed.onnx_int8_top1_agreement": int8["top1_agreement"]})
     write_json(out / "compile.json", summary)
     ctx.tracker.artifact(out / "compile.json")
     ctx.tracker.params({"targets": ",".join(ctx.cfg.targets)})

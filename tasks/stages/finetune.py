@@ -1,26 +1,46 @@
-"""Stage 4: fine-tune the compressed model, distilling from the base model as teacher; check the goal."""
+"""Stage 4: apply the plan's training-time ops, fine-tune (distilling from the base model unless
+switched off) with their constraints kept, apply post-training ops, and check the goal on the model
+that will be deployed."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
-from compression_ops import Distill, TrainSpec, evaluate, fit
+from compression_ops import Distill, OpData, TrainSpec, apply, evaluate, fit
+from compression_ops.base import OpConfigError, report_scalars, to_plain
+from compression_ops.packing import pack_model
+from tasks.errors import ConfigError
 from tasks.models.checkpoint import save_checkpoint
 from tasks.progress import epoch_bar, say
 from tasks.stages.context import StageContext
 from tasks.stages.measure import measure_model
-from tasks.stages.plan import plan_from_json
+from tasks.stages.plan import ops_in_phase, plan_from_json
 from tasks.workspace import read_json, write_json
+
+
+def _apply_all(ctx: StageContext, model, ops, data: OpData):
+    hooks, reports = [], []
+    for op in ops:
+        try:
+            res = apply(model, op, data)
+        except OpConfigError as e:
+            raise ConfigError(f"pipeline {ctx.cfg.name!r}: {op.op} cannot run: {e}") from e
+        model, hooks, reports = res.model, hooks + res.hooks, reports + [res.report]
+    return model, hooks, reports
 
 
 def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     student, info = ctx.model("compress")
     teacher, _ = ctx.model("train_base")
-    plan = plan_from_json(read_json(ctx.paths.require("compress", "plan.json")))
+    plan_json = read_json(ctx.paths.require("compress", "plan.json"))
+    plan = plan_from_json(plan_json)
     distill = next((p for p in plan if isinstance(p, Distill)), None)
     fc = ctx.cfg.finetune
     sp = ctx.splits()
+    data = OpData(example=ctx.example(1), batches=sp.batches("train", 64, train=True, seed=1), max_batches=16)
+    student, hooks, reports = _apply_all(ctx, student, ops_in_phase(plan, "train"), data)
     spec = TrainSpec(epochs=fc.epochs, lr=fc.lr, weight_decay=fc.weight_decay, schedule="cosine", seed=ctx.cfg.train.seed)
     ctx.tracker.params({"finetune": fc.model_dump(), "distill": distill.to_dict() if distill else "off"})
     fit(
@@ -35,40 +55,59 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
             ctx.tracker.metrics(row, step=e),
             say(f"finetune epoch {e}: val accuracy {row['val_accuracy']:.2f}%"),
         ),
+        hooks=hooks,
     )
+    reports += [{"op": "finetune_hook", **h.finish()} for h in hooks]
+    student = to_plain(student).eval()
+
+    # The deployed model: post-training ops (e.g. int8) applied to a copy; the checkpoint stays float so
+    # the compile stage can export it and quantize the exported graph with the same settings.
+    post = ops_in_phase(plan, "post")
+    deployed, _, post_reports = _apply_all(ctx, copy.deepcopy(student), post, data)
+    reports += post_reports
     base = ctx.metrics("train_base")
-    val = evaluate(student, sp.batches("val"))
-    test = evaluate(student, sp.batches("test"))
+    val = evaluate(deployed, sp.batches("val"))
+    test = evaluate(deployed, sp.batches("test"))
     stats = measure_model(student, ctx.example(1))
+    packed = pack_model(student)
+    (out / "model.packed").write_bytes(packed)
     goal = ctx.cfg.goal
     drop = base["test_accuracy"] - test["accuracy"]
     reduction = base["macs"] / max(stats["macs"], 1)
     met_acc = drop <= goal.max_accuracy_drop
-    met_speed = goal.speedup is None or reduction >= goal.speedup
+    met_speed = goal.speedup is None or goal.metric != "macs" or reduction >= goal.speedup
     metrics = {
         "val_accuracy": val["accuracy"],
         "test_accuracy": test["accuracy"],
         "accuracy_drop": drop,
         "macs_reduction": reduction,
+        "packed_bytes": len(packed),
+        "post_training_ops": [op.op for op in post],
         "goal_met": bool(met_acc and met_speed),
         "goal_accuracy_met": bool(met_acc),
         "goal_speedup_met": bool(met_speed),
         **stats,
     }
+    if post:
+        metrics["test_accuracy_before_post_ops"] = evaluate(student, sp.batches("test"))["accuracy"]
     save_checkpoint(
         student,
         out / "model.pt",
         arch=info["arch"],
         input_shape=info["input_shape"],
         num_classes=info["num_classes"],
-        meta={"stage": "finetune", "plan": read_json(ctx.paths.require("compress", "plan.json"))},
+        meta={"stage": "finetune", "plan": plan_json},
     )
     write_json(out / "metrics.json", metrics)
-    ctx.tracker.metrics({k: float(v) for k, v in metrics.items()})
+    write_json(out / "report.json", {"ops": reports})
+    ctx.tracker.metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+    for r in reports:
+        ctx.tracker.metrics({f"{r['op']}.{k}": v for k, v in report_scalars(r).items()})
     ctx.tracker.tags({"goal_met": str(metrics["goal_met"]).lower()}, on_parent=True)
     verdict = "met" if metrics["goal_met"] else "NOT met"
+    how = f" ({' + '.join(op.op for op in post)}, simulated in PyTorch)" if post else ""
     say(
-        f"compressed: test accuracy {test['accuracy']:.2f}% (drop {drop:+.2f} pt, limit {goal.max_accuracy_drop}), "
-        f"{reduction:.2f}x fewer MACs: goal {verdict}"
+        f"compressed{how}: test accuracy {test['accuracy']:.2f}% (drop {drop:+.2f} pt, limit {goal.max_accuracy_drop}), "
+        f"{reduction:.2f}x fewer MACs, {len(packed) / 1e3:.1f} kB packed: goal {verdict}"
     )
     return {"test_accuracy": test["accuracy"], "accuracy_drop": drop, "macs_reduction": reduction, "goal_met": metrics["goal_met"]}

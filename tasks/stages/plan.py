@@ -1,34 +1,53 @@
-"""Turn a pipeline's goal and compression settings into a plan: a list of op configs.
+"""Turn a pipeline's goal and compression plan into op configs, validated.
 
-Issue 4's search will produce plans too; both paths end in the same JSON that compress/finetune apply.
+Plans from pipelines.yaml and (issue 4) from the search end in the same JSON that the stages apply.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from compression_ops import ChannelPrune, Distill, OpConfig, config_from_dict
+from compression_ops import Distill, OpConfig, config_from_dict
+from compression_ops.base import OpConfigError
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError
 
+# Fields of channel_prune that fix how much is pruned; without one, the goal decides.
+_PRUNE_AMOUNT = ("ratio", "per_layer", "target_macs_reduction", "target_latency_reduction")
+
 
 def plan_from_config(cfg: PipelineConfig) -> list[OpConfig]:
-    c, goal = cfg.compression, cfg.goal
+    """The pipeline's plan: its ops in order, then distillation (configured under finetune)."""
+    goal = cfg.goal
     plan: list[OpConfig] = []
-    for op in c.ops:
-        if op == "channel_prune":
-            if c.ratio is not None:
-                plan.append(ChannelPrune(ratio=c.ratio, importance=c.importance))
-            elif goal.speedup is not None:
-                plan.append(ChannelPrune(target_macs_reduction=goal.speedup, importance=c.importance))
-            else:
+    for i, item in enumerate(cfg.compression.plan):
+        item = dict(item)
+        if item["op"] == "channel_prune" and not any(item.get(k) for k in _PRUNE_AMOUNT):
+            if goal.speedup is None:
                 raise ConfigError(
-                    f"pipeline {cfg.name!r}: channel_prune needs goal.speedup or compression.ratio; set one"
+                    f"pipeline {cfg.name!r}: compression.plan[{i}] (channel_prune) prunes by how much? "
+                    "Set goal.speedup or a ratio in the plan entry."
                 )
+            key = "target_latency_reduction" if goal.metric == "latency" else "target_macs_reduction"
+            item[key] = goal.speedup
+        try:
+            op = config_from_dict(item)
+        except (OpConfigError, TypeError) as e:
+            raise ConfigError(f"pipeline {cfg.name!r}: compression.plan[{i}] is invalid: {e}") from e
+        if op.phase == "finetune":
+            raise ConfigError(
+                f"pipeline {cfg.name!r}: compression.plan[{i}]: {op.op} is configured under finetune.distill, "
+                "not in the plan"
+            )
+        plan.append(op)
     d = cfg.finetune.distill
     if d.enabled:
-        plan.append(Distill(temperature=d.temperature, alpha=d.alpha))
+        plan.append(Distill(temperature=d.temperature, alpha=d.alpha, hint_weight=d.hint_weight))
     return plan
+
+
+def ops_in_phase(plan: list[OpConfig], phase: str) -> list[OpConfig]:
+    return [op for op in plan if op.phase == phase]
 
 
 def plan_to_json(plan: list[OpConfig]) -> list[dict[str, Any]]:
