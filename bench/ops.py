@@ -46,7 +46,8 @@ from compression_ops import (
 )
 from compression_ops.base import to_plain
 from compression_ops.metrics import model_stats
-from compression_ops.packing import packed_size
+from compression_ops.packing import pack_state_dict, packed_size
+from compression_ops.quantize import quantized_state_dict
 from tasks.engines.onnx_int8 import quantize_onnx_int8
 from tasks.engines.onnx_runtime import export_onnx, load_onnx
 from tasks.engines.pytorch_eager import TorchRunner
@@ -103,7 +104,7 @@ def run_row(name: str, base: torch.nn.Module, sp, epochs: int, threads: int) -> 
     row["test_accuracy_pytorch"] = evaluate(model, sp.batches("test"))["accuracy"]
     row.update(model_stats(fp32, example))
     row["state_dict_bytes"] = state_bytes(fp32)
-    row["packed_bytes"] = packed_size(fp32)
+    row["packed_bytes"] = len(pack_state_dict(quantized_state_dict(model)))  # int codes when quantized
     row["reports"] = reports
     row.update(measure_engines(name, base, fp32, post, sp, threads))
     row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -150,16 +151,16 @@ def measure_engines(name: str, base, model, post: list, sp, threads: int) -> dic
 
 
 def table(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
-    head = (f"{'row':18} {'acc %':>6} {'drop':>6} {'params':>7} {'MACs':>6} {'bytes':>6} "
+    head = (f"{'row':18} {'acc %':>6} {'drop':>6} {'params':>7} {'MACs':>6} {'packed':>6} {'onnx':>6} "
             f"{'eager b1':>8} {'eager b32':>9} {'best b1':>7} {'best b32':>8}  engine")
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = r.get("test_accuracy_ort_int8", r["test_accuracy_pytorch"])
-        deploy = r.get("onnx_int8_bytes") and base["onnx_fp32_bytes"] / r["onnx_int8_bytes"]
-        size = deploy or base["state_dict_bytes"] / r["packed_bytes"]
+        onnx = base["onnx_fp32_bytes"] / r.get("onnx_int8_bytes", r["onnx_fp32_bytes"])
+        packed = base["packed_bytes"] / r["packed_bytes"]
         lines.append(
             f"{r['row']:18} {acc:6.2f} {base['test_accuracy'] - acc:+6.2f} {base['params'] / r['params']:6.2f}x "
-            f"{base['macs'] / r['macs']:5.2f}x {size:5.2f}x {r['b1_pytorch_speedup']:7.2f}x {r['b32_pytorch_speedup']:8.2f}x "
+            f"{base['macs'] / r['macs']:5.2f}x {packed:5.2f}x {onnx:5.2f}x {r['b1_pytorch_speedup']:7.2f}x {r['b32_pytorch_speedup']:8.2f}x "
             f"{r['b1_best_speedup']:6.2f}x {r['b32_best_speedup']:7.2f}x  {r['best_engine']}"
         )
     return "\n".join(lines)
@@ -183,6 +184,7 @@ def main() -> None:
     for key in args.models.split(","):
         base, meta = base_model(key, sp)
         bstats = {**model_stats(base, sp.example(1)), "state_dict_bytes": state_bytes(base),
+                  "packed_bytes": packed_size(base),
                   "test_accuracy": evaluate(base, sp.batches("test"))["accuracy"], "base_training": meta}
         entry = results.setdefault(key, {"base": bstats, "rows": {}})
         entry["base"] = bstats

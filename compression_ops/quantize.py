@@ -518,3 +518,27 @@ def quant_aware(model: nn.Module, cfg: QuantAware, data: OpData) -> OpResult:
     seen = calibrate(model, batches, cfg.calibration, cfg.percentile)
     report = {**_summary(cfg, layers, seen), "bits": cfg.bits, "weight_range": cfg.weight_range}
     return OpResult(model.train(was_training), report)
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The integer form of a (fake-)quantized model, what a device stores: per quantized layer the
+    weight as int8 codes (`bits` wide) and its per-channel float scales; every other tensor as it is.
+
+    Packed with compression_ops.packing, codes narrower than 8 bits are bit-packed (codebook encoding),
+    so the file size is the quantized model's real size. A model without fake-quant layers comes back
+    unchanged.
+    """
+    sd = dict(model.state_dict())
+    for name, m in model.named_modules():
+        if not isinstance(m, _FakeQuant):
+            continue
+        prefix = f"{name}." if name else ""
+        with torch.no_grad():
+            scale = (weight_scales(m.weight, m.weight_bits) * m.weight_clip).float()
+            qmax = qrange(m.weight_bits, signed=True)[1]
+            shape = (-1,) + (1,) * (m.weight.dim() - 1)
+            codes = torch.round(m.weight.detach() / scale.view(shape)).clamp(-qmax, qmax).to(torch.int8)
+        sd[f"{prefix}weight"] = codes
+        sd[f"{prefix}weight_scale"] = scale
+        sd.pop(f"{prefix}weight_clip", None)  # folded into weight_scale
+    return sd

@@ -23,8 +23,8 @@ def summary_rows(paths: RunPaths) -> tuple[list[str], list[list[str]]]:
     ]
     for key, label in (("params", "parameters"), ("macs", "MACs / image"), ("bytes", "state_dict bytes")):
         rows.append([label, _fmt_int(base[key]), _fmt_int(comp[key]), f"{base[key] / max(comp[key], 1):.2f}x smaller"])
-    if "packed_bytes" in comp:  # sparse bitmaps and codebooks: what the weights take at rest
-        rows.append(["packed weights bytes", _fmt_int(base["bytes"]), _fmt_int(comp["packed_bytes"]),
+    if "packed_bytes" in comp:  # sparse bitmaps, codebooks, int codes: what the weights take at rest
+        rows.append(["weights file bytes (torch.save -> packed)", _fmt_int(base["bytes"]), _fmt_int(comp["packed_bytes"]),
                      f"{base['bytes'] / max(comp['packed_bytes'], 1):.2f}x smaller"])
     compiled = paths.stage_dir("compile")
     base_onnx, int8 = compiled / "base" / "model.onnx", compiled / "compressed" / "model.int8.onnx"

@@ -10,7 +10,8 @@ from typing import Any
 
 from compression_ops import Distill, OpData, TrainSpec, apply, evaluate, fit
 from compression_ops.base import OpConfigError, report_scalars, to_plain
-from compression_ops.packing import pack_model
+from compression_ops.packing import pack_state_dict
+from compression_ops.quantize import quantized_state_dict
 from tasks.errors import ConfigError
 from tasks.models.checkpoint import save_checkpoint
 from tasks.progress import epoch_bar, say
@@ -69,7 +70,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     val = evaluate(deployed, sp.batches("val"))
     test = evaluate(deployed, sp.batches("test"))
     stats = measure_model(student, ctx.example(1))
-    packed = pack_model(student)
+    packed = pack_state_dict(quantized_state_dict(deployed))  # int codes when the plan quantizes
     (out / "model.packed").write_bytes(packed)
     goal = ctx.cfg.goal
     drop = base["test_accuracy"] - test["accuracy"]

@@ -221,3 +221,24 @@ def test_qat_mse_weight_range_clips_and_lowers_weight_error():
     w = conv["max"].weight
     err = {r: float((c.quant_weight() - w).pow(2).sum().detach()) for r, c in conv.items()}
     assert err["mse"] < err["max"]
+
+
+def test_quantized_state_dict_is_the_integer_model_and_packs_small():
+    from compression_ops.packing import pack_state_dict
+    from compression_ops.quantize import QuantConv2d, quantized_state_dict
+
+    torch.manual_seed(0)
+    m = create_model("resnet8", in_channels=1, num_classes=10, width=16).eval()
+    batches = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))]
+    fp32_bytes = len(pack_state_dict(m.state_dict()))
+    for bits, min_ratio in ((8, 3.7), (4, 6.5)):
+        q = apply(m, QuantAware(bits=bits), OpData(example=torch.randn(1, 1, 28, 28), batches=batches)).model.eval()
+        sd = quantized_state_dict(q)
+        conv = q.layers[2].conv2
+        assert isinstance(conv, QuantConv2d) and sd["layers.2.conv2.weight"].dtype == torch.int8
+        codes, scale = sd["layers.2.conv2.weight"], sd["layers.2.conv2.weight_scale"]
+        assert codes.abs().max() <= 2 ** (bits - 1) - 1
+        # codes x scales are the weights the quantized model computes with
+        torch.testing.assert_close(codes.float() * scale.view(-1, 1, 1, 1), conv.quant_weight().detach(),
+                                   rtol=0, atol=1e-6)
+        assert fp32_bytes / len(pack_state_dict(sd)) >= min_ratio
