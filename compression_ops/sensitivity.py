@@ -62,7 +62,7 @@ def weight_bits_sensitivity(
     model: nn.Module, accuracy: Callable[[nn.Module], float], bits: Sequence[int] = (8, 4, 2)
 ) -> dict[str, Any]:
     """Round one layer's weights to `bits` (symmetric, per output channel), all else in float."""
-    from compression_ops.quantize import quantize_weight_per_channel
+    from compression_ops.quant_ranges import quantize_weight_per_channel
 
     layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
 

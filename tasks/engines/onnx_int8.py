@@ -97,7 +97,7 @@ def activation_ranges(
     import onnx
     import torch
 
-    from compression_ops.quantize import RangeObserver
+    from compression_ops.quant_ranges import RangeObserver
 
     model = onnx.load(str(model_path))
     g = model.graph

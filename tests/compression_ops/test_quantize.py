@@ -8,16 +8,8 @@ from torch import nn
 from compression_ops.base import OpConfigError, OpData, apply, config_from_dict, to_plain
 from compression_ops.finetune import TrainSpec, fit
 from compression_ops.metrics import weight_bits
-from compression_ops.quantize import (
-    QuantAware,
-    QuantConv2d,
-    QuantizeInt8,
-    QuantLinear,
-    RangeObserver,
-    choose_range,
-    fold_batchnorm,
-    quantize_weight_per_channel,
-)
+from compression_ops.quant_ranges import RangeObserver, choose_range, quantize_weight_per_channel
+from compression_ops.quantize import QuantAware, QuantConv2d, QuantizeInt8, QuantLinear, fold_batchnorm
 from tasks.models import create_model
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from compression_ops.quantize import choose_range
+from compression_ops.quant_ranges import choose_range
 from tasks.engines.onnx_int8 import activation_ranges, int8_kernel_ops, quantize_onnx_int8
 from tasks.engines.onnx_runtime import export_onnx, load_onnx, meta_path
 from tasks.errors import ArtifactError
