@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import os
 import tempfile
@@ -45,7 +44,7 @@ from compression_ops import (
     fit,
 )
 from compression_ops.base import to_plain
-from compression_ops.metrics import model_stats
+from compression_ops.metrics import model_stats, serialized_bytes
 from compression_ops.packing import pack_state_dict, packed_size
 from compression_ops.quantize import quantized_state_dict
 from tasks.engines.onnx_int8 import quantize_onnx_int8
@@ -70,12 +69,6 @@ ROWS: dict[str, tuple[list, str | None]] = {
     "lowrank90_kd": ([LowRank(energy=0.9)], "kd"),
     "prune2_int8_kd": ([ChannelPrune(target_macs_reduction=2.0), QuantizeInt8(calibration="percentile")], "kd"),
 }
-
-
-def state_bytes(model: torch.nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getbuffer().nbytes
 
 
 def run_row(name: str, base: torch.nn.Module, sp, epochs: int, threads: int) -> dict[str, Any]:
@@ -103,7 +96,7 @@ def run_row(name: str, base: torch.nn.Module, sp, epochs: int, threads: int) -> 
     row = {"row": name, "plan": [op.to_dict() for op in plan], "finetune": ft, "epochs": epochs if ft else 0}
     row["test_accuracy_pytorch"] = evaluate(model, sp.batches("test"))["accuracy"]
     row.update(model_stats(fp32, example))
-    row["state_dict_bytes"] = state_bytes(fp32)
+    row["state_dict_bytes"] = serialized_bytes(fp32)
     row["packed_bytes"] = len(pack_state_dict(quantized_state_dict(model)))  # int codes when quantized
     row["reports"] = reports
     row.update(measure_engines(name, base, fp32, post, sp, threads))
@@ -183,7 +176,7 @@ def main() -> None:
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for key in args.models.split(","):
         base, meta = base_model(key, sp)
-        bstats = {**model_stats(base, sp.example(1)), "state_dict_bytes": state_bytes(base),
+        bstats = {**model_stats(base, sp.example(1)), "state_dict_bytes": serialized_bytes(base),
                   "packed_bytes": packed_size(base),
                   "test_accuracy": evaluate(base, sp.batches("test"))["accuracy"], "base_training": meta}
         entry = results.setdefault(key, {"base": bstats, "rows": {}})

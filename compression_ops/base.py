@@ -103,6 +103,21 @@ def to_plain(model: nn.Module) -> nn.Module:
     return model
 
 
+def forward_with_hooks(model: nn.Module, example: torch.Tensor, hooks: dict[nn.Module, Callable]) -> None:
+    """One eval-mode, no-grad forward pass of `example` with a forward hook on each given module; the
+    hooks are removed and the training mode restored afterwards, whatever happens."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def report_scalars(report: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of an op report (what goes to MLflow metrics and one-line summaries)."""
     return {k: float(v) for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}

@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compression_ops.base import forward_with_hooks
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def aux_points(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the modules whose outputs get an auxiliary head (see the module docstring for the rule)."""
     events: list[tuple[str, tuple[int, int]]] = []
-    handles = []
 
     def hook(name: str):
         def fn(_m: nn.Module, _inp: object, out: object) -> None:
@@ -42,18 +43,7 @@ def aux_points(model: nn.Module, example: torch.Tensor) -> list[str]:
 
         return fn
 
-    for name, m in model.named_modules():
-        if name:
-            handles.append(m.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, example, {m: hook(name) for name, m in model.named_modules() if name})
     events = [e for e in events if e[1] != (1, 1)]
     if not events:
         return []

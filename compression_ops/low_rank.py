@@ -22,7 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression_ops.base import OpConfig, OpConfigError, OpData, OpResult, check_range, register_op
+from compression_ops.base import (
+    OpConfig,
+    OpConfigError,
+    OpData,
+    OpResult,
+    check_range,
+    forward_with_hooks,
+    register_op,
+)
 from compression_ops.metrics import count_macs, count_params
 
 LAYER_KINDS = ("conv", "linear", "all")
@@ -159,23 +167,15 @@ def _positions(model: nn.Module, names: list[str], example: torch.Tensor) -> dic
     tokens for a linear. A layer's MACs are its weights times the positions it runs at."""
     modules = dict(model.named_modules())
     seen: dict[str, tuple[int, int]] = {}
-    handles = []
+    hooks = {}
     for n in names:
         ch = -3 if isinstance(modules[n], nn.Conv2d) else -1
 
         def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor, n: str = n, ch: int = ch) -> None:
             seen[n] = (inp[0].numel() // inp[0].shape[ch], out.numel() // out.shape[ch])
 
-        handles.append(modules[n].register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+        hooks[modules[n]] = hook
+    forward_with_hooks(model, example, hooks)
     return seen
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compression_ops import OpData, apply, evaluate
-from compression_ops.base import OpConfigError, report_scalars
-from tasks.errors import ConfigError
+from compression_ops import OpData, evaluate
+from compression_ops.base import report_scalars
 from tasks.models.checkpoint import save_checkpoint
 from tasks.progress import say
 from tasks.stages.context import StageContext
-from tasks.stages.plan import ops_in_phase, plan_from_config, plan_to_json
+from tasks.stages.plan import apply_ops, ops_in_phase, plan_from_config, plan_to_json
 from tasks.workspace import write_json
 
 
@@ -46,15 +45,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     data = OpData(example=ctx.example(1), batches=sp.batches("train", 64, train=True, seed=1), max_batches=8)
     if ctx.cfg.compression.sensitivity.enabled:
         _sensitivity(ctx, model, data, out)
-    reports = []
-    for op in ops_in_phase(plan, "structure"):
-        try:
-            res = apply(model, op, data)
-        except OpConfigError as e:
-            raise ConfigError(f"pipeline {ctx.cfg.name!r}: {op.op} cannot run: {e}") from e
-        model = res.model
-        reports.append(res.report)
-        say(f"{op.op}: {', '.join(f'{k}={v:.4g}' for k, v in report_scalars(res.report).items())}")
+    model, _, reports = apply_ops(ctx.cfg, model, ops_in_phase(plan, "structure"), data)
     val = evaluate(model, sp.batches("val"))
     plan_json = plan_to_json(plan)
     write_json(out / "plan.json", plan_json)

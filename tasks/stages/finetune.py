@@ -8,28 +8,16 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from compression_ops import Distill, OpData, TrainSpec, apply, evaluate, fit
-from compression_ops.base import OpConfigError, report_scalars, to_plain
+from compression_ops import Distill, OpData, TrainSpec, evaluate, fit
+from compression_ops.base import report_scalars, to_plain
 from compression_ops.packing import pack_state_dict
 from compression_ops.quantize import quantized_state_dict
-from tasks.errors import ConfigError
 from tasks.models.checkpoint import save_checkpoint
 from tasks.progress import epoch_bar, say
 from tasks.stages.context import StageContext
 from tasks.stages.measure import measure_model
-from tasks.stages.plan import ops_in_phase, plan_from_json
+from tasks.stages.plan import apply_ops, ops_in_phase, plan_from_json
 from tasks.workspace import read_json, write_json
-
-
-def _apply_all(ctx: StageContext, model, ops, data: OpData):
-    hooks, reports = [], []
-    for op in ops:
-        try:
-            res = apply(model, op, data)
-        except OpConfigError as e:
-            raise ConfigError(f"pipeline {ctx.cfg.name!r}: {op.op} cannot run: {e}") from e
-        model, hooks, reports = res.model, hooks + res.hooks, reports + [res.report]
-    return model, hooks, reports
 
 
 def run(ctx: StageContext, out: Path) -> dict[str, Any]:
@@ -41,7 +29,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     fc = ctx.cfg.finetune
     sp = ctx.splits()
     data = OpData(example=ctx.example(1), batches=sp.batches("train", 64, train=True, seed=1), max_batches=16)
-    student, hooks, reports = _apply_all(ctx, student, ops_in_phase(plan, "train"), data)
+    student, hooks, reports = apply_ops(ctx.cfg, student, ops_in_phase(plan, "train"), data)
     spec = TrainSpec(epochs=fc.epochs, lr=fc.lr, weight_decay=fc.weight_decay, schedule="cosine", seed=ctx.cfg.train.seed)
     ctx.tracker.params({"finetune": fc.model_dump(), "distill": distill.to_dict() if distill else "off"})
     fit(
@@ -64,7 +52,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     # The deployed model: post-training ops (e.g. int8) applied to a copy; the checkpoint stays float so
     # the compile stage can export it and quantize the exported graph with the same settings.
     post = ops_in_phase(plan, "post")
-    deployed, _, post_reports = _apply_all(ctx, copy.deepcopy(student), post, data)
+    deployed, _, post_reports = apply_ops(ctx.cfg, copy.deepcopy(student), post, data)
     reports += post_reports
     base = ctx.metrics("train_base")
     val = evaluate(deployed, sp.batches("val"))

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from compression_ops import Distill, OpConfig, config_from_dict
-from compression_ops.base import OpConfigError
+from compression_ops import Distill, OpConfig, OpData, apply, config_from_dict
+from compression_ops.base import OpConfigError, TrainHook, report_scalars
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError
+from tasks.progress import say
 
 # Fields of channel_prune that fix how much is pruned; without one, the goal decides.
 _PRUNE_AMOUNT = ("ratio", "per_layer", "target_macs_reduction", "target_latency_reduction")
@@ -48,6 +49,20 @@ def plan_from_config(cfg: PipelineConfig) -> list[OpConfig]:
 
 def ops_in_phase(plan: list[OpConfig], phase: str) -> list[OpConfig]:
     return [op for op in plan if op.phase == phase]
+
+
+def apply_ops(cfg: PipelineConfig, model: Any, ops: list[OpConfig], data: OpData) -> tuple[Any, list[TrainHook], list[dict]]:
+    """Apply ops in order; returns the model, the hooks fine-tuning must call, and each op's report."""
+    hooks: list[TrainHook] = []
+    reports: list[dict] = []
+    for op in ops:
+        try:
+            res = apply(model, op, data)
+        except OpConfigError as e:
+            raise ConfigError(f"pipeline {cfg.name!r}: {op.op} cannot run: {e}") from e
+        model, hooks, reports = res.model, hooks + res.hooks, reports + [res.report]
+        say(f"{op.op}: {', '.join(f'{k}={v:.4g}' for k, v in report_scalars(res.report).items())}")
+    return model, hooks, reports
 
 
 def plan_to_json(plan: list[OpConfig]) -> list[dict[str, Any]]:
