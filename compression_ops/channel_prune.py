@@ -37,12 +37,16 @@ class ChannelPrune(OpConfig):
     target_latency_reduction: if set, solve the uniform ratio so PyTorch eager latency at the example's
         batch size falls by this factor, measured here (median of latency_repeat runs); noisy, so the
         report gives the factor measured on the result. At most one target may be set.
+    layer_scale: per-layer multipliers of the (solved) ratio: layer n loses ratio * layer_scale[n] of its
+        channels (capped so one channel stays). With a target this shapes the cut: the search samples the
+        shape, the bisection finds the scale that meets the target.
     """
 
     op = "channel_prune"
     ratio: float = 0.5
     importance: str = "l2"
     per_layer: dict[str, float] | None = None
+    layer_scale: dict[str, float] | None = None
     target_macs_reduction: float | None = None
     target_latency_reduction: float | None = None
     latency_repeat: int = 20
@@ -55,6 +59,11 @@ class ChannelPrune(OpConfig):
             raise OpConfigError(f"importance={self.importance!r}: expected one of {', '.join(IMPORTANCES)}")
         for name, r in (self.per_layer or {}).items():
             check_range(f"per_layer[{name!r}]", r, 0.0, 1.0, hi_open=True)
+        for name, r in (self.layer_scale or {}).items():
+            check_range(f"layer_scale[{name!r}]", r, 0.0, 100.0)
+        both = set(self.per_layer or {}) & set(self.layer_scale or {})
+        if both:
+            raise OpConfigError(f"layers {sorted(both)} are in both per_layer and layer_scale: keep one")
         if self.target_macs_reduction is not None:
             check_range("target_macs_reduction", self.target_macs_reduction, 1.0, 1e6, lo_open=True)
         if self.target_latency_reduction is not None:
@@ -91,16 +100,26 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == n_out]
 
 
+def _ratio_cap(model: nn.Module, round_to: int | None) -> float:
+    """The largest uniform ratio that leaves the narrowest conv a channel (a group of round_to)."""
+    narrowest = min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    return min(0.95, 1.0 - (round_to or 1) / narrowest)
+
+
 def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpData) -> dict[str, Any]:
     """Prune `model` itself; returns what the importance criterion has to report (dcp: its heads)."""
     import torch_pruning as tp
 
     modules = dict(model.named_modules())
-    unknown = [n for n in list(cfg.ignore) + list(cfg.per_layer or {}) if n not in modules]
+    unknown = [n for n in [*cfg.ignore, *(cfg.per_layer or {}), *(cfg.layer_scale or {})] if n not in modules]
     if unknown:
         raise OpConfigError(f"layer name(s) {unknown} not in the model; names look like {list(modules)[1:4]}")
     ignored = output_layers(model, data.example) + [modules[n] for n in cfg.ignore]
     ratio_dict = {modules[n]: r for n, r in (cfg.per_layer or {}).items()}
+    for n, scale in (cfg.layer_scale or {}).items():
+        conv = modules[n]
+        keep = (cfg.round_to or 1) / max(getattr(conv, "out_channels", 1), 1)
+        ratio_dict[conv] = max(0.0, min(ratio * scale, 0.95, 1.0 - keep))
     batches = data.limited() if cfg.importance in NEEDS_BATCHES else []
     if cfg.importance in NEEDS_BATCHES and not batches:
         what = "gradient x weight" if cfg.importance == "taylor" else "auxiliary heads and gradients"
@@ -112,7 +131,7 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
         model,
         data.example,
         importance=importance,
-        pruning_ratio=ratio,
+        pruning_ratio=min(ratio, 0.95),  # a solved scale can pass 1 when layer_scale shapes the cut
         pruning_ratio_dict=ratio_dict or None,
         ignored_layers=ignored,
         round_to=cfg.round_to,
@@ -147,8 +166,11 @@ def _bisect_ratio(
     # Torch-Pruning skips a layer whose ratio would leave it no channel, which breaks the bisection's
     # monotonicity at high ratios: cap the ratio so the narrowest layer keeps one channel (one group of
     # round_to channels when rounding).
-    narrowest = min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
-    lo, hi = 0.0, min(0.95, 1.0 - (cfg.round_to or 1) / narrowest)
+    lo, hi = 0.0, _ratio_cap(model, cfg.round_to)
+    scales = [s for s in (cfg.layer_scale or {}).values() if s > 0]
+    if scales and min(scales) < 1:
+        # Scaled layers are capped one by one: go up until the least-scaled layer reaches its cap too.
+        hi = hi / min(scales)
 
     def reduction_at(ratio: float) -> float:
         m = copy.deepcopy(model)
@@ -250,3 +272,25 @@ def channel_prune(model: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult
         lat, ms0, ms1 = latency_reduction(base, model, data.example, repeat=3 * cfg.latency_repeat)
         report.update({"latency_reduction": lat, "latency_before_ms": ms0, "latency_after_ms": ms1})
     return OpResult(model, report)
+
+
+def prune_groups(model: nn.Module, example: torch.Tensor) -> list[list[str]]:
+    """The conv layers channel pruning removes together (residual adds tie them), root layer first.
+
+    Torch-Pruning reads a group's ratio from its root, so per-group settings (the search's per-layer
+    ratios, layer_scale) are keyed by the root's name.
+    """
+    import torch_pruning as tp
+
+    names = {m: n for n, m in model.named_modules()}
+    graph = tp.DependencyGraph().build_dependency(model, example)
+    groups = []
+    for g in graph.get_all_groups(ignored_layers=output_layers(model, example), root_module_types=[nn.Conv2d]):
+        root = names[g[0][0].target.module]
+        members = {
+            names[dep.target.module] for dep, _ in g
+            if isinstance(dep.target.module, nn.Conv2d) and dep.handler == tp.prune_conv_out_channels
+        }
+        groups.append([root, *sorted(members - {root})])
+    order = {n: i for i, n in enumerate(names.values())}
+    return sorted(groups, key=lambda grp: order[grp[0]])

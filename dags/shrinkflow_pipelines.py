@@ -24,7 +24,7 @@ from tasks.errors import ConfigError  # noqa: E402
 
 # The same order as tasks.stages.STAGES (not imported here: parse time stays cheap);
 # tests/dags/test_dag_structure.py keeps the two in step.
-STAGES = ("prepare_data", "train_base", "compress", "finetune", "compile", "benchmark", "register")
+STAGES = ("prepare_data", "train_base", "search", "compress", "finetune", "compile", "benchmark", "register")
 DAG_ID_PREFIX = "shrinkflow__"
 # Fixed, in the past: with catchup off, a scheduled pipeline starts at its next interval.
 START_DATE = datetime(2025, 1, 1, tzinfo=UTC)
@@ -46,6 +46,27 @@ def _stage_task(stage: str, pipeline: str, config_path: str):
         )
 
     return run
+
+
+def _search_fanout(pipeline: str, config_path: str, workers: int, run_id):
+    """search_setup, then `workers` mapped search_worker tasks sharing one Optuna study (a server storage)."""
+
+    @task(task_id="search_setup")
+    def setup(shrinkflow_run_id: str) -> dict[str, Any]:
+        from tasks.stages.search import setup as search_setup
+
+        return search_setup(pipeline, shrinkflow_run_id, config_path=config_path)
+
+    @task(task_id="search_worker")
+    def worker(index: int, shrinkflow_run_id: str) -> dict[str, Any]:
+        from tasks.stages.search import worker as search_worker
+
+        return search_worker(pipeline, shrinkflow_run_id, index, config_path=config_path)
+
+    first = setup(run_id)
+    mapped = worker.partial(shrinkflow_run_id=run_id).expand(index=list(range(workers)))
+    first >> mapped
+    return first, mapped
 
 
 def build_dag(name: str, cfg: PipelineConfig, config_path: Path):
@@ -74,10 +95,14 @@ def build_dag(name: str, cfg: PipelineConfig, config_path: Path):
 
         run_id = start()
         previous = None
-        # Seam for the search fan-out: a later issue replaces the single `compress` task with mapped
-        # trial tasks, `search_trial.partial(...).expand(trial=range(n_trials))`, then a reduce task
-        # that picks the plan; each stays thin and returns a small dict.
+        fan_out = cfg.search.n_trials > 0 and cfg.search.workers > 1
         for stage in STAGES:
+            if stage == "search" and fan_out:
+                # Mapped workers share the study; the search stage then runs what budget is left,
+                # waits for running trials and chooses the plan.
+                first, mapped = _search_fanout(name, str(config_path), cfg.search.workers, run_id)
+                previous >> first
+                previous = mapped
             out = _stage_task(stage, name, str(config_path))(run_id)
             if previous is not None:
                 previous >> out

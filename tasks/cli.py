@@ -51,7 +51,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         done = list(state.get("stages", {}))
         fin = state.get("stages", {}).get("finetune", {})
         goal = "" if not fin else ("goal met" if fin.get("goal_met") else "goal NOT met")
-        print(f"  {r.pipeline}/{r.run_id}: {len(done)}/7 stages {goal}")
+        print(f"  {r.pipeline}/{r.run_id}: {len(done)}/8 stages {goal}")
     return 0
 
 
@@ -76,6 +76,18 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         args.stage, args.pipeline, args.run_id, config_path=args.config, workspace=args.workspace
     )
     print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _cmd_search_worker(args: argparse.Namespace) -> int:
+    from tasks.stages.search import setup, worker
+
+    if args.setup:
+        print(json.dumps(setup(args.pipeline, args.run_id, config_path=args.config, workspace=args.workspace)))
+        return 0
+    result = worker(args.pipeline, args.run_id, args.index, config_path=args.config, workspace=args.workspace,
+                    max_trials=args.max_trials)
+    print(json.dumps(result))
     return 0
 
 
@@ -120,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--pipeline", required=True)
     st.add_argument("--run-id", required=True)
     st.set_defaults(fn=_cmd_stage)
+
+    w = sub.add_parser("search-worker", help="run trials of a run's shared search study (one of many workers)")
+    w.add_argument("--pipeline", required=True)
+    w.add_argument("--run-id", required=True)
+    w.add_argument("--index", type=int, default=0, help="this worker's number (seeds its sampler)")
+    w.add_argument("--max-trials", type=int, help="at most this many trials here (default: until the budget is spent)")
+    w.add_argument("--setup", action="store_true", help="only prepare the study (scan, warm starts) and exit")
+    w.set_defaults(fn=_cmd_search_worker)
 
     sub.add_parser("up", help="start the Airflow and MLflow UIs on 127.0.0.1").set_defaults(fn=_cmd_up)
 

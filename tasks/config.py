@@ -57,8 +57,14 @@ class TrainConfig(_Strict):
 
 
 class GoalConfig(_Strict):
-    speedup: float | None = Field(None, gt=1, description="how many times faster (or fewer MACs)")
-    metric: Literal["macs", "latency"] = "macs"
+    """What the compressed model must reach; any subset of the cost goals, plus the accuracy limit."""
+
+    speedup: float | None = Field(None, gt=1, description="how many times faster (metric: latency) or fewer MACs")
+    metric: Literal["macs", "latency"] = Field(
+        "macs", description="how speedup is measured: MACs counted, or latency measured (PyTorch eager, batch 1)"
+    )
+    size_mb: float | None = Field(None, gt=0, description="packed model size at most this many MB (1e6 bytes)")
+    latency_ms: float | None = Field(None, gt=0, description="batch-1 latency at most this many ms (PyTorch eager)")
     max_accuracy_drop: float = Field(0.5, ge=0, description="in accuracy points (percent)")
 
 
@@ -103,9 +109,44 @@ class FinetuneConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    n_trials: int = Field(0, ge=0, description="0: solve the goal directly, no search")
-    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
-    storage: str | None = None
+    """The Optuna search over the plan's ops (tasks/search). n_trials 0 applies the plan as written."""
+
+    n_trials: int = Field(0, ge=0, description="trials in all (over every worker); 0: no search")
+    sampler: Literal["tpe", "random", "nsga2", "motpe"] = Field(
+        "tpe", description="tpe/random: most accurate plan meeting the goal; nsga2/motpe: accuracy vs cost Pareto front"
+    )
+    cost: Literal["auto", "macs", "latency", "size"] = Field(
+        "auto", description="the second objective of nsga2/motpe; auto follows the goal"
+    )
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="stops bad trials early (single objective)")
+    trial_epochs: int = Field(2, ge=1, description="fine-tune epochs per trial (the pruner's resource)")
+    train_subset: int | None = Field(None, gt=0, description="training images per trial epoch (None: all)")
+    val_images: int = Field(2000, gt=0, description="validation images each trial is scored on")
+    prune_shape: Literal["per_layer", "sensitivity"] = Field(
+        "per_layer", description="per_layer: one multiplier per prunable group; sensitivity: one exponent over the scan"
+    )
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="pin or narrow parameters: name: value (pinned), [low, high] (range), {choices: [...]}",
+    )
+    warm_start: bool = Field(True, description="enqueue the sensitivity-shaped plan and the previous run's best first")
+    workers: int = Field(1, ge=1, description="Airflow mapped worker tasks sharing the study (needs a server storage)")
+    storage: str | None = Field(
+        None, description="Optuna storage URL; default $SHRINKFLOW_OPTUNA_STORAGE or SQLite in the workspace"
+    )
+    timeout_minutes: float | None = Field(None, gt=0, description="stop starting trials after this long (per worker)")
+    pick: int | None = Field(None, ge=0, description="use this trial number instead of the automatic choice")
+    heartbeat_seconds: int = Field(10, ge=1, description="a trial silent for 3x this long is failed and queued again")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _workers_need_server(self) -> SearchConfig:
+        if self.workers > 1 and self.storage is not None and self.storage.startswith("sqlite"):
+            raise ValueError(
+                f"workers={self.workers} share one study: SQLite cannot take concurrent writers; "
+                "set search.storage to a server, e.g. postgresql://postgres@127.0.0.1:5432/test"
+            )
+        return self
 
 
 class BenchmarkConfig(_Strict):

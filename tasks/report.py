@@ -77,7 +77,7 @@ def goal_line(paths: RunPaths) -> str:
 
 def print_run_summary(paths: RunPaths) -> None:
     state: dict[str, Any] = paths.read_state()
-    print(f"\nshrinkflow run {paths.pipeline}/{paths.run_id}: {len(state.get('stages', {}))}/7 stages done")
+    print(f"\nshrinkflow run {paths.pipeline}/{paths.run_id}: {len(state.get('stages', {}))}/8 stages done")
     if (paths.stage_dir("finetune") / "metrics.json").exists():
         print(render_table(*summary_rows(paths)))
         print(goal_line(paths))

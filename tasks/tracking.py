@@ -135,19 +135,17 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def stage_run(paths: RunPaths, stage: str, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
-    """Open the stage's child run (replacing one from an earlier attempt); mark it and the parent on exit."""
-    client = _client(paths)
-    parent = parent_run_id(paths, tags)
-    exp = experiment_id(paths)
-    old = client.search_runs(
-        [exp], filter_string=f"tags.`{TAG_RUN}` = '{paths.run_id}' and tags.`{TAG_STAGE}` = '{stage}'"
+def _stage_runs(client, paths: RunPaths, stage: str) -> list:
+    return client.search_runs(
+        [experiment_id(paths)],
+        filter_string=f"tags.`{TAG_RUN}` = '{paths.run_id}' and tags.`{TAG_STAGE}` = '{stage}'",
+        order_by=["attributes.start_time ASC"],
     )
-    for r in old:
-        client.delete_run(r.info.run_id)
+
+
+def _create_stage_run(client, paths: RunPaths, stage: str, parent: str, tags: dict[str, str] | None) -> str:
     run = client.create_run(
-        exp,
+        experiment_id(paths),
         run_name=stage,
         tags={
             "mlflow.parentRunId": parent,
@@ -157,6 +155,35 @@ def stage_run(paths: RunPaths, stage: str, tags: dict[str, str] | None = None) -
             **(tags or {}),
         },
     )
+    return run.info.run_id
+
+
+def stage_run_id(paths: RunPaths, stage: str, tags: dict[str, str] | None = None) -> str:
+    """The stage's child run, created if missing, never replaced (search workers nest trials under it)."""
+    client = _client(paths)
+    found = _stage_runs(client, paths, stage)
+    if found:
+        return found[0].info.run_id
+    return _create_stage_run(client, paths, stage, parent_run_id(paths, tags), tags)
+
+
+@contextlib.contextmanager
+def stage_run(
+    paths: RunPaths, stage: str, tags: dict[str, str] | None = None, *, reuse: bool = False
+) -> Iterator[StageRun]:
+    """Open the stage's child run (replacing one from an earlier attempt, or continuing it with reuse,
+    as the resumable search does); mark it and the parent on exit."""
+    client = _client(paths)
+    parent = parent_run_id(paths, tags)
+    old = _stage_runs(client, paths, stage)
+    if reuse and old:
+        rid = old[0].info.run_id
+        client.update_run(rid, status="RUNNING")
+    else:
+        for r in old:
+            client.delete_run(r.info.run_id)
+        rid = _create_stage_run(client, paths, stage, parent, tags)
+    run = client.get_run(rid)
     sr = StageRun(client, run.info.run_id, parent)
     try:
         yield sr
@@ -171,3 +198,43 @@ def finish_parent(paths: RunPaths, status: str = "FINISHED") -> None:
     client = _client(paths)
     client.set_terminated(parent_run_id(paths), status)
 
+
+
+class TrialRun(StageRun):
+    """A search trial's run, nested under the search stage's run."""
+
+    def log_dict(self, obj: dict[str, Any], name: str) -> None:
+        self.client.log_dict(self.run_id, obj, name)
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+class TrialTracker:
+    """Makes one nested MLflow run per trial under the search stage's run."""
+
+    def __init__(self, paths: RunPaths, search_run: str):
+        self.paths, self.search_run = paths, search_run
+        self.client = _client(paths)
+
+    def trial_run(self, number: int, worker: int) -> TrialRun:
+        run = self.client.create_run(
+            experiment_id(self.paths),
+            run_name=f"trial {number}",
+            tags={
+                "mlflow.parentRunId": self.search_run,
+                TAG_RUN: self.paths.run_id,
+                TAG_STAGE: "search_trial",
+                TAG_PIPELINE: self.paths.pipeline,
+                "shrinkflow.trial": str(number),
+                "shrinkflow.worker": str(worker),
+            },
+        )
+        return TrialRun(self.client, run.info.run_id, self.search_run)
+
+    def trial_runs(self) -> list:
+        return self.client.search_runs(
+            [experiment_id(self.paths)],
+            filter_string=f"tags.`{TAG_RUN}` = '{self.paths.run_id}' and tags.`{TAG_STAGE}` = 'search_trial'",
+            max_results=10_000,
+        )

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("prepare_data", "train_base", "compress", "finetune", "compile", "benchmark", "register")
+STAGES = ("prepare_data", "train_base", "search", "compress", "finetune", "compile", "benchmark", "register")
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,8 @@ def test_every_stage_wrote_its_artifacts(e2e_run):
     assert state["completed"] == list(STAGES)
     for f in ("prepare_data/dataset.npz", "train_base/model.pt", "compress/plan.json", "finetune/model.pt",
               "compile/compressed/host/model.so", "compile/compressed/model.onnx", "benchmark/latency.json",
-              "register/report.md", "register/model/model.pt", "compress/sensitivity.png",
-              "compress/sensitivity.json", "finetune/model.packed", "compile/compressed/model.int8.onnx"):
+              "register/report.md", "register/model/model.pt", "search/sensitivity.png",
+              "search/sensitivity.json", "search/pareto.png", "search/trials.csv", "search/choice.json", "finetune/model.packed", "compile/compressed/model.int8.onnx"):
         assert (run / f).is_file(), f
     assert not list(run.glob(".*.tmp")), "scratch folders left behind"
     assert "goal MET" in proc.stdout and "latency tvm host b1" in proc.stdout
@@ -58,7 +58,7 @@ def test_compressed_model_meets_its_goal(e2e_run):
     assert comp["goal_met"] is True
     # the plan ends in int8: the goal is checked on the quantized model, and the float one is kept too
     assert comp["post_training_ops"] == ["quantize_int8"] and "test_accuracy_before_post_ops" in comp
-    sens = json.loads((run / "compress/sensitivity.json").read_text())
+    sens = json.loads((run / "search/sensitivity.json").read_text())
     assert {s["kind"] for s in sens["scans"]} == {"channel_prune", "weight_bits"}
 
 
@@ -91,13 +91,21 @@ def test_mlflow_parent_and_nested_stage_runs(e2e_run):
     assert parent.info.status == "FINISHED"
     for tag in ("git_commit", "data_hash", "airflow_run_id", "registry_alias"):
         assert parent.data.tags.get(tag), tag
-    children = {r.data.tags["shrinkflow.stage"]: r for r in runs if r is not parent and r.data.tags["shrinkflow.stage"] != "pipeline"}
+    trials = [r for r in runs if r.data.tags["shrinkflow.stage"] == "search_trial"]
+    children = {r.data.tags["shrinkflow.stage"]: r for r in runs
+                if r is not parent and r.data.tags["shrinkflow.stage"] not in ("pipeline", "search_trial")}
     assert set(children) == set(STAGES)
+    # every search trial is a run nested under the search stage's run
+    assert sorted(int(r.data.tags["shrinkflow.trial"]) for r in trials) == [0, 1, 2, 3]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {children["search"].info.run_id}
+    assert all("plan.json" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in trials)
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
     assert children["finetune"].data.metrics["test_accuracy"] > 90
     assert "val_accuracy" in children["train_base"].data.metrics
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"model", "report.md", "latency.json"} <= arts
+    assert {"model", "report.md", "latency.json", "search"} <= arts
+    search_arts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/pareto.png", "search/trials.csv", "search/plan.json"} <= search_arts
     mv = client.get_model_version_by_alias("shrinkflow-digits_tiny", "champion")
     assert mv.tags["shrinkflow_run_id"] == "e2e"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from tasks.errors import StageError
 
-STAGES = ("prepare_data", "train_base", "compress", "finetune", "compile", "benchmark", "register")
+STAGES = ("prepare_data", "train_base", "search", "compress", "finetune", "compile", "benchmark", "register")
 
 
 def run_stage(
@@ -39,7 +39,7 @@ def run_stage(
     tags = {"airflow_run_id": airflow_run_id} if airflow_run_id else {}
     module = importlib.import_module(f"tasks.stages.{stage}")
     t0 = time.time()
-    with tracking.stage_run(paths, stage, tags) as tr:
+    with tracking.stage_run(paths, stage, tags, reuse=stage == "search") as tr:  # a resumed study keeps its run
         ctx = StageContext(cfg=cfg, paths=paths, tracker=tr)
         with atomic_dir(paths.stage_dir(stage)) as out:
             result = module.run(ctx, Path(out))

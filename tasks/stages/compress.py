@@ -1,5 +1,6 @@
-"""Stage 3: scan the base model's layer sensitivity, then apply the plan's structural ops (pruning,
-low-rank); the fine-tune stage applies the training-time and post-training ops."""
+"""Stage 4: apply the chosen plan's structural ops (pruning, low-rank) to the base model; the fine-tune
+stage applies the training-time and post-training ops. The plan is the search stage's choice (or, with
+no search, the goal-solved plan of pipelines.yaml)."""
 
 from __future__ import annotations
 
@@ -9,42 +10,16 @@ from typing import Any
 from compression_ops import OpData, evaluate
 from compression_ops.base import report_scalars
 from tasks.models.checkpoint import save_checkpoint
-from tasks.progress import say
 from tasks.stages.context import StageContext
-from tasks.stages.plan import apply_ops, ops_in_phase, plan_from_config, plan_to_json
-from tasks.workspace import write_json
-
-
-def _sensitivity(ctx: StageContext, model, data: OpData, out: Path) -> None:
-    from compression_ops.sensitivity import prune_sensitivity, weight_bits_sensitivity
-    from tasks.plots import plot_sensitivity
-
-    sc = ctx.cfg.compression.sensitivity
-    x, y = ctx.splits().tensors["val"]
-    val = [(x[i : i + 500], y[i : i + 500]) for i in range(0, min(len(y), sc.val_images), 500)]
-
-    def accuracy(m) -> float:
-        return evaluate(m, val)["accuracy"]
-
-    scans = [
-        prune_sensitivity(model, data, accuracy, sc.prune_ratios),
-        weight_bits_sensitivity(model, accuracy, sc.weight_bits),
-    ]
-    write_json(out / "sensitivity.json", {"val_images": sum(len(b[1]) for b in val), "scans": scans})
-    plot_sensitivity(scans, out / "sensitivity.png", title=f"{ctx.cfg.name}: layer sensitivity (no fine-tuning)")
-    ctx.tracker.artifact(out / "sensitivity.json")
-    ctx.tracker.artifact(out / "sensitivity.png")
-    worst = max(scans[0]["rows"], key=lambda r: r["drop"])
-    say(f"sensitivity: most sensitive to pruning is {worst['layer']} ({worst['drop']:+.2f} pt at ratio {worst['setting']})")
+from tasks.stages.plan import apply_ops, ops_in_phase, plan_from_json, plan_to_json
+from tasks.workspace import read_json, write_json
 
 
 def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     model, info = ctx.model("train_base")
     sp = ctx.splits()
-    plan = plan_from_config(ctx.cfg)
+    plan = plan_from_json(read_json(ctx.paths.require("search", "plan.json")))
     data = OpData(example=ctx.example(1), batches=sp.batches("train", 64, train=True, seed=1), max_batches=8)
-    if ctx.cfg.compression.sensitivity.enabled:
-        _sensitivity(ctx, model, data, out)
     model, _, reports = apply_ops(ctx.cfg, model, ops_in_phase(plan, "structure"), data)
     val = evaluate(model, sp.batches("val"))
     plan_json = plan_to_json(plan)

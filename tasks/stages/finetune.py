@@ -27,11 +27,13 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     plan = plan_from_json(plan_json)
     distill = next((p for p in plan if isinstance(p, Distill)), None)
     fc = ctx.cfg.finetune
+    chosen = read_json(ctx.paths.require("search", "choice.json"))
+    lr = float(chosen.get("finetune", {}).get("lr", fc.lr))  # the search's learning rate, if it chose one
     sp = ctx.splits()
     data = OpData(example=ctx.example(1), batches=sp.batches("train", 64, train=True, seed=1), max_batches=16)
     student, hooks, reports = apply_ops(ctx.cfg, student, ops_in_phase(plan, "train"), data)
-    spec = TrainSpec(epochs=fc.epochs, lr=fc.lr, weight_decay=fc.weight_decay, schedule="cosine", seed=ctx.cfg.train.seed)
-    ctx.tracker.params({"finetune": fc.model_dump(), "distill": distill.to_dict() if distill else "off"})
+    spec = TrainSpec(epochs=fc.epochs, lr=lr, weight_decay=fc.weight_decay, schedule="cosine", seed=ctx.cfg.train.seed)
+    ctx.tracker.params({"finetune": {**fc.model_dump(), "lr": lr}, "distill": distill.to_dict() if distill else "off"})
     fit(
         student,
         sp.batches("train", fc.batch_size, train=True, augment=ctx.cfg.train.augment, seed=ctx.cfg.train.seed + 1),

@@ -22,7 +22,7 @@ from tasks.orchestrate import (
     run_pipeline,
 )
 
-STAGES = ("prepare_data", "train_base", "compress", "finetune", "compile", "benchmark", "register")
+STAGES = ("prepare_data", "train_base", "search", "compress", "finetune", "compile", "benchmark", "register")
 
 PIPELINES = textwrap.dedent(
     """
@@ -36,6 +36,10 @@ PIPELINES = textwrap.dedent(
       manual:
         data: {source: synthetic}
         model: {name: resnet8}
+      fanout:
+        data: {source: synthetic}
+        model: {name: resnet8}
+        search: {n_trials: 6, workers: 3, storage: "postgresql://postgres@127.0.0.1:5432/test"}
     """
 )
 
@@ -63,6 +67,7 @@ def test_one_dag_per_pipeline(pipelines: Path, tmp_path: Path) -> None:
     bag = _dagbag(tmp_path)
     assert bag.import_errors == {}
     assert sorted(d for d in bag.dag_ids if d.startswith("shrinkflow__")) == [
+        "shrinkflow__fanout",
         "shrinkflow__manual",
         "shrinkflow__nightly",
     ]
@@ -77,6 +82,25 @@ def test_tasks_run_start_then_stages_in_order(pipelines: Path, tmp_path: Path) -
         assert dag.get_task(stage).upstream_task_ids == {"start", before}
     assert dag.get_task("register").downstream_task_ids == set()
     assert all(t.retries == 0 for t in dag.tasks)
+
+
+def test_search_fans_out_to_mapped_workers(pipelines: Path, tmp_path: Path) -> None:
+    dag = _dagbag(tmp_path).dags["shrinkflow__fanout"]
+    assert dag.task_ids == ["start", "prepare_data", "train_base", "search_setup", "search_worker", *STAGES[2:]]
+    assert dag.get_task("search_setup").upstream_task_ids == {"start", "train_base"}
+    worker = dag.get_task("search_worker")
+    assert type(worker).__name__.endswith("MappedOperator")
+    assert worker.upstream_task_ids == {"start", "search_setup"}
+    assert worker.op_kwargs_expand_input.value == {"index": [0, 1, 2]}
+    assert dag.get_task("search").upstream_task_ids == {"start", "search_worker"}
+    # without workers the search is one task, as every other stage
+    assert "search_worker" not in _dagbag(tmp_path).dags["shrinkflow__manual"].task_ids
+
+
+def test_sqlite_cannot_take_many_workers(pipelines: Path, tmp_path: Path) -> None:
+    pipelines.write_text(PIPELINES.replace("postgresql://postgres@127.0.0.1:5432/test", "sqlite:///x.db"))
+    (error,) = _dagbag(tmp_path).import_errors.values()
+    assert "SQLite cannot take concurrent writers" in error and "search.storage" in error
 
 
 def test_stage_order_matches_tasks_stages(pipelines: Path, tmp_path: Path) -> None:

@@ -1,0 +1,241 @@
+"""One trial: apply a point's plan to the base, fine-tune briefly with distillation, score it on the
+validation split (never test), measure its cost, and record it as a nested MLflow run."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from compression_ops import Distill, OpData, TrainSpec, apply, evaluate, fit
+from compression_ops.base import OpConfigError, report_scalars, to_plain
+from compression_ops.channel_prune import latency_reduction
+from compression_ops.metrics import count_macs, count_params
+from compression_ops.packing import pack_state_dict
+from compression_ops.quantize import quantized_state_dict
+from tasks.config import PipelineConfig
+from tasks.data.loaders import Splits, TensorBatches
+from tasks.search.space import SearchSpace
+from tasks.workspace import write_json
+
+
+def deployed_bytes(model: nn.Module) -> int:
+    """Packed size of what a device downloads (integer codes where the plan quantizes)."""
+    return len(pack_state_dict(quantized_state_dict(model)))
+
+
+class LatencyCache:
+    """Measured eager batch-1 latency ratios per architecture (the pruned widths), kept on disk.
+
+    Plans that prune to the same widths cost the same: a search meets many of them, and a nightly run
+    meets last night's. Keyed by the target device and a hash of every layer's shape.
+    """
+
+    def __init__(self, path: Path, device: str = "host"):
+        self.path, self.device = path, device
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
+    def signature(model: nn.Module) -> str:
+        shapes = [(n, tuple(p.shape)) for n, p in model.state_dict().items()]
+        return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+
+    def measure(self, base: nn.Module, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+        key = f"{self.device}:{self.signature(base)}:{self.signature(model)}"
+        if key not in self.data:
+            ratio, ms_base, ms = latency_reduction(base, model, x, repeat=60, warmup=5)
+            self.data[key] = {"latency_reduction": ratio, "latency_ms": ms, "base_latency_ms": ms_base}
+            try:  # a cache: losing a write to a concurrent worker only costs a re-measurement
+                write_json(self.path, self.data)
+            except OSError:
+                pass
+        return dict(self.data[key], latency_cached=1.0)
+
+
+@dataclass
+class TrialRunner:
+    """What every trial needs, loaded once per worker."""
+
+    cfg: PipelineConfig
+    base: nn.Module
+    splits: Splits
+    space: SearchSpace
+    latency_cache: LatencyCache
+    tracker: Any = None  # tasks.tracking.TrialTracker or None
+    worker: int = 0
+    base_val: float = 0.0
+    base_macs: int = 0
+    base_bytes: int = 0
+    _train: TensorBatches | None = field(default=None, repr=False)
+    _val: list | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        sc = self.cfg.search
+        x, y = self.splits.tensors["train"]
+        if sc.train_subset and sc.train_subset < len(y):
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(sc.seed))[: sc.train_subset]
+            x, y = x[idx], y[idx]
+        bs = self.cfg.finetune.batch_size
+        self._train = TensorBatches(x, y, bs, shuffle=True, augment=self.cfg.train.augment, seed=sc.seed + 1,
+                                    drop_last=len(y) >= 2 * bs)
+        vx, vy = self.splits.tensors["val"]
+        n = min(sc.val_images, len(vy))
+        self._val = [(vx[i : min(i + 500, n)], vy[i : min(i + 500, n)]) for i in range(0, n, 500)]
+        self.example = self.splits.example(1)
+        self.base.eval()
+        self.base_val = evaluate(self.base, self._val)["accuracy"]
+        self.base_macs = count_macs(self.base, self.example)
+        self.base_bytes = deployed_bytes(self.base)
+
+    @property
+    def directions(self) -> list[str]:
+        return ["maximize", "minimize"] if self.space.multi_objective else ["maximize"]
+
+    def cost_metric(self) -> str:
+        """The second objective of a multi-objective search."""
+        c, g = self.cfg.search.cost, self.cfg.goal
+        if c != "auto":
+            return c
+        if g.metric == "latency" and g.speedup or g.latency_ms:
+            return "latency"
+        return "size" if g.size_mb and not g.speedup else "macs"
+
+    def needs_latency(self) -> bool:
+        g = self.cfg.goal
+        return bool(g.latency_ms or (g.speedup and g.metric == "latency") or
+                    (self.space.multi_objective and self.cost_metric() == "latency"))
+
+    def constraints(self, m: dict[str, float]) -> tuple[list[float], list[str]]:
+        """Violation of each cost goal, relative to it (<= 0 met). Accuracy is the objective, not a
+        constraint: a few epochs understate it; the full fine-tune checks the accuracy goal."""
+        g = self.cfg.goal
+        vals, names = [], []
+        if g.speedup:
+            got = m["latency_reduction"] if g.metric == "latency" else m["macs_reduction"]
+            vals.append((g.speedup - got) / g.speedup)
+            names.append(f"speedup>={g.speedup} ({g.metric})")
+        if g.size_mb:
+            vals.append((m["size_mb"] - g.size_mb) / g.size_mb)
+            names.append(f"size_mb<={g.size_mb}")
+        if g.latency_ms:
+            vals.append((m["latency_ms"] - g.latency_ms) / g.latency_ms)
+            names.append(f"latency_ms<={g.latency_ms}")
+        return vals, names
+
+    def objective_values(self, m: dict[str, float]) -> list[float]:
+        if not self.space.multi_objective:
+            return [m["val_accuracy"]]
+        cost = {"macs": m["macs"] / 1e6, "latency": m.get("latency_ms", 0.0), "size": m["size_mb"]}[self.cost_metric()]
+        return [m["val_accuracy"], cost]
+
+    # --- the trial ---------------------------------------------------------------------------------
+
+    def run(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        """Evaluate `trial` and tell the study; the MLflow child run mirrors the outcome."""
+        t0 = time.perf_counter()
+        point = self.space.suggest(trial)
+        trial.set_user_attr("worker", self.worker)
+        run = self.tracker.trial_run(trial.number, self.worker) if self.tracker else None
+        if run is not None:
+            trial.set_user_attr("mlflow_run_id", run.run_id)
+            run.params({"trial": point})
+        state, values, metrics = TrialStateOutcome.FAIL, None, {}
+        try:
+            metrics, plan_json = self._evaluate(trial, point, run)
+            values = self.objective_values(metrics)
+            cons, names = self.constraints(metrics)
+            trial.set_user_attr("constraints", cons)
+            trial.set_user_attr("constraint_names", names)
+            for name, c in zip(names, cons, strict=True):
+                trial.set_constraint(name, c)  # what TPE / NSGA-II read to prefer feasible points
+            trial.set_user_attr("metrics", metrics)
+            trial.set_user_attr("plan", plan_json)
+            state = TrialStateOutcome.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialStateOutcome.PRUNED
+        except (OpConfigError, ValueError, RuntimeError) as e:
+            # A point the ops refuse (e.g. a cut out of reach) is a failed trial with its reason recorded.
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            trial.set_user_attr("constraints", [1.0])
+        seconds = time.perf_counter() - t0
+        trial.set_user_attr("seconds", round(seconds, 2))
+        if state == TrialStateOutcome.COMPLETE:
+            study.tell(trial, values)
+        elif state == TrialStateOutcome.PRUNED:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if run is not None:
+            run.metrics({**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, "trial_seconds": seconds})
+            run.tags({"trial_state": state, **({"error": trial.user_attrs["error"][:500]} if "error" in trial.user_attrs else {})})
+            run.finish({"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
+
+    def _evaluate(self, trial: optuna.Trial, point: dict[str, Any], run) -> tuple[dict[str, float], list[dict]]:
+        from tasks.stages.plan import ops_in_phase
+
+        plan, ft = self.space.build(point)
+        plan_json = [p.to_dict() for p in plan]
+        if run is not None:
+            run.log_dict({"plan": plan_json, "finetune": ft, "point": point}, "plan.json")
+        data = OpData(example=self.example, batches=self._train, max_batches=8)
+        model = copy.deepcopy(self.base)
+        hooks, report = [], {}
+        for op in ops_in_phase(plan, "structure") + ops_in_phase(plan, "train"):
+            res = apply(model, op, data)
+            model, hooks = res.model, hooks + res.hooks
+            report.update({f"{op.op}.{k}": v for k, v in report_scalars(res.report).items()})
+        distill = next((p for p in plan if isinstance(p, Distill)), None)
+        sc = self.cfg.search
+        prunable = not self.space.multi_objective
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            if run is not None:
+                run.metrics({"val_accuracy_epoch": row["val_accuracy"], "train_loss": row["train_loss"]}, step=epoch)
+            if prunable and epoch < sc.trial_epochs:  # the last epoch's score is the result itself
+                trial.report(row["val_accuracy"], epoch)
+                if trial.should_prune():
+                    trial.set_user_attr("pruned_at_epoch", epoch)
+                    raise optuna.TrialPruned(f"val accuracy {row['val_accuracy']:.2f}% at epoch {epoch}")
+
+        spec = TrainSpec(epochs=sc.trial_epochs, lr=ft["lr"], weight_decay=self.cfg.finetune.weight_decay,
+                         schedule="cosine", seed=self.cfg.train.seed)
+        fit(model, self._train, spec, teacher=self.base if distill else None, distill=distill, val=self._val,
+            on_epoch=on_epoch, hooks=hooks)
+        for h in hooks:
+            h.finish()
+        model = to_plain(model).eval()
+        deployed = model
+        post = ops_in_phase(plan, "post")
+        if post:
+            deployed = copy.deepcopy(model)
+            for op in post:
+                deployed = apply(deployed, op, data).model
+        acc = evaluate(deployed, self._val)["accuracy"]
+        macs = count_macs(model, self.example)
+        size = deployed_bytes(deployed)
+        m: dict[str, float] = {
+            **report,
+            "val_accuracy": acc,
+            "val_accuracy_drop": self.base_val - acc,
+            "base_val_accuracy": self.base_val,
+            "macs": float(macs),
+            "macs_reduction": self.base_macs / max(macs, 1),
+            "params": float(count_params(model)),
+            "size_mb": size / 1e6,
+            "size_reduction": self.base_bytes / max(size, 1),
+        }
+        if self.needs_latency():
+            m.update(self.latency_cache.measure(self.base, model, self.example))
+        return m, plan_json
+
+
+class TrialStateOutcome:
+    COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
