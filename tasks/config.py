@@ -144,7 +144,7 @@ class SearchConfig(_Strict):
         if self.workers > 1 and self.storage is not None and self.storage.startswith("sqlite"):
             raise ValueError(
                 f"workers={self.workers} share one study: SQLite cannot take concurrent writers; "
-                "set search.storage to a server, e.g. postgresql://postgres@127.0.0.1:5432/test"
+                "set search.storage to a server, e.g. postgresql+psycopg2://postgres@127.0.0.1:5432/test"
             )
         return self
 

@@ -69,10 +69,29 @@ def where_to_look(paths: RunPaths) -> list[str]:
 
 
 def goal_line(paths: RunPaths) -> str:
+    """The verdict and each part of the goal that was set, marked where it was missed."""
     comp = read_json(paths.require("finetune", "metrics.json"))
     verdict = "MET" if comp["goal_met"] else "NOT MET"
-    return (f"goal {verdict}: {comp['macs_reduction']:.2f}x fewer MACs, accuracy drop "
-            f"{comp['accuracy_drop']:+.2f} pt")
+    parts = [f"{comp['macs_reduction']:.2f}x fewer MACs"]
+    if "eager_latency_reduction" in comp:
+        parts.append(f"{comp['eager_latency_reduction']:.2f}x eager b1 latency")
+    for key, text in (("goal_speedup_met", "speedup"), ("goal_size_met", "size"), ("goal_latency_met", "latency")):
+        if comp.get(key) is False:
+            parts.append(f"{text} limit missed")
+    if "packed_bytes" in comp:
+        parts.append(f"{comp['packed_bytes'] / 1e6:.3f} MB packed")
+    parts.append(f"accuracy drop {comp['accuracy_drop']:+.2f} pt" + ("" if comp.get("goal_accuracy_met", True) else " (over the limit)"))
+    return f"goal {verdict}: " + ", ".join(parts)
+
+
+def search_line(paths: RunPaths) -> str | None:
+    f = paths.stage_dir("search") / "choice.json"
+    if not f.is_file():
+        return None
+    c = read_json(f)
+    if c.get("trial") is None:
+        return f"search: {c.get('why', 'off')}"
+    return f"search: trial {c['trial']} of study {c.get('study')}: {c['why']}"
 
 
 def print_run_summary(paths: RunPaths) -> None:
@@ -81,11 +100,14 @@ def print_run_summary(paths: RunPaths) -> None:
     if (paths.stage_dir("finetune") / "metrics.json").exists():
         print(render_table(*summary_rows(paths)))
         print(goal_line(paths))
+    if line := search_line(paths):
+        print(line)
     for line in where_to_look(paths):
         print(line)
 
 
 def write_report(paths: RunPaths, dest: Path) -> None:
     header, rows = summary_rows(paths)
-    text = [f"# shrinkflow run {paths.pipeline}/{paths.run_id}", "", goal_line(paths), "", render_markdown(header, rows), ""]
+    text = [f"# shrinkflow run {paths.pipeline}/{paths.run_id}", "", goal_line(paths), "",
+            search_line(paths) or "", "", render_markdown(header, rows), ""]
     dest.write_text("\n".join(text))

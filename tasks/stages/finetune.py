@@ -70,6 +70,8 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     latency_reduction = base["latency_b1_ms"] / max(stats["latency_b1_ms"], 1e-9)
     achieved = reduction if goal.metric == "macs" else latency_reduction
     met_speed = goal.speedup is None or achieved >= goal.speedup
+    met_size = goal.size_mb is None or len(packed) / 1e6 <= goal.size_mb
+    met_latency = goal.latency_ms is None or stats["latency_b1_ms"] <= goal.latency_ms
     metrics = {
         "val_accuracy": val["accuracy"],
         "test_accuracy": test["accuracy"],
@@ -78,9 +80,11 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         "eager_latency_reduction": latency_reduction,
         "packed_bytes": len(packed),
         "post_training_ops": [op.op for op in post],
-        "goal_met": bool(met_acc and met_speed),
+        "goal_met": bool(met_acc and met_speed and met_size and met_latency),
         "goal_accuracy_met": bool(met_acc),
         "goal_speedup_met": bool(met_speed),
+        "goal_size_met": bool(met_size),
+        "goal_latency_met": bool(met_latency),
         **stats,
     }
     if post:

@@ -39,7 +39,7 @@ PIPELINES = textwrap.dedent(
       fanout:
         data: {source: synthetic}
         model: {name: resnet8}
-        search: {n_trials: 6, workers: 3, storage: "postgresql://postgres@127.0.0.1:5432/test"}
+        search: {n_trials: 6, workers: 3, storage: "postgresql+psycopg2://postgres@127.0.0.1:5432/test"}
     """
 )
 
@@ -98,7 +98,7 @@ def test_search_fans_out_to_mapped_workers(pipelines: Path, tmp_path: Path) -> N
 
 
 def test_sqlite_cannot_take_many_workers(pipelines: Path, tmp_path: Path) -> None:
-    pipelines.write_text(PIPELINES.replace("postgresql://postgres@127.0.0.1:5432/test", "sqlite:///x.db"))
+    pipelines.write_text(PIPELINES.replace("postgresql+psycopg2://postgres@127.0.0.1:5432/test", "sqlite:///x.db"))
     (error,) = _dagbag(tmp_path).import_errors.values()
     assert "SQLite cannot take concurrent writers" in error and "search.storage" in error
 
