@@ -41,7 +41,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("Pipelines (pipelines.yaml):")
     for name, cfg in pipelines.items():
         goal = cfg.goal
-        goal_s = f"{goal.speedup}x fewer {goal.metric}, " if goal.speedup else ""
+        goal_s = (f"{goal.speedup}x " + ("fewer MACs, " if goal.metric == "macs" else "faster (measured), ")) if goal.speedup else ""
+        goal_s += f"<= {goal.size_mb} MB, " if goal.size_mb else ""
+        goal_s += f"<= {goal.latency_ms} ms, " if goal.latency_ms else ""
         print(f"  {name:20s} {cfg.data.source} / {cfg.model.name or cfg.model.factory}; goal: {goal_s}"
               f"<= {goal.max_accuracy_drop} pt drop; targets {', '.join(cfg.targets)}")
     runs = list_runs(args.workspace)

@@ -61,7 +61,7 @@ class GoalConfig(_Strict):
 
     speedup: float | None = Field(None, gt=1, description="how many times faster (metric: latency) or fewer MACs")
     metric: Literal["macs", "latency"] = Field(
-        "macs", description="how speedup is measured: MACs counted, or latency measured (PyTorch eager, batch 1)"
+        "latency", description="how speedup is measured: latency measured (PyTorch eager, batch 1), or MACs counted"
     )
     size_mb: float | None = Field(None, gt=0, description="packed model size at most this many MB (1e6 bytes)")
     latency_ms: float | None = Field(None, gt=0, description="batch-1 latency at most this many ms (PyTorch eager)")

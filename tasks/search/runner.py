@@ -146,7 +146,11 @@ def work(s: Session, max_trials: int | None = None) -> int:
         if trial is None:
             break
         with st.Heartbeat(s.study, trial, sc.heartbeat_seconds):
-            s.runner.run(s.study, trial)
+            try:
+                s.runner.run(s.study, trial)
+            except KeyboardInterrupt:
+                st.requeue(s.study, trial)  # interrupted: the next run of the stage starts with this point
+                raise
         done += 1
         ft = s.study._storage.get_trial(trial._trial_id)
         acc = ft.values[0] if ft.values else None
@@ -154,6 +158,17 @@ def work(s: Session, max_trials: int | None = None) -> int:
             + (f"val {acc:.2f}%" if acc is not None else ft.user_attrs.get("error", "no score"))
             + f", {ft.user_attrs.get('seconds', 0):.0f} s")
     return done
+
+
+def finish(s: Session) -> int:
+    """Run what is left of the budget, wait for other workers, and run again what a dead worker left
+    (its stale trial comes back queued); returns the trials run here."""
+    ran = 0
+    while True:
+        ran += work(s)
+        wait_for_workers(s)
+        if not s.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return ran
 
 
 def wait_for_workers(s: Session, poll: float | None = None) -> None:

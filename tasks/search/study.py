@@ -172,6 +172,14 @@ def claim_trial(study: optuna.Study, sc: SearchConfig, url: str) -> optuna.Trial
         return study.ask()
 
 
+def requeue(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Fail an interrupted trial and queue its parameters again, as a stale trial would be."""
+    with contextlib.suppress(Exception):  # already finished, or the storage is gone: the heartbeat covers it
+        study.tell(trial, state=TrialState.FAIL)
+        frozen = study._storage.get_trial(trial._trial_id)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)(study, frozen)
+
+
 class Heartbeat:
     """Records the trial's heartbeat every interval while the trial runs (ask/tell has no thread of its own)."""
 

@@ -36,7 +36,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     session = runner.prepare(cfg, ctx.paths)
     say(f"search: {cfg.search.n_trials} trials, sampler {cfg.search.sampler}, "
         f"{len(session.space.searched)} parameters, study {session.study.study_name}")
-    ran = runner.work(session)
+    ran = runner.finish(session)  # the budget left, then what dead workers left
     choice = runner.summarize(session, out)
     _log_sensitivity(ctx, out)
     rows_done = sum(1 for t in session.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")

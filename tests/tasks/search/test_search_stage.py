@@ -117,7 +117,7 @@ def test_an_infeasible_goal_is_reported_and_the_closest_kept(tmp_path, workspace
 
 
 def test_a_goal_out_of_reach_fails_with_the_reason(tmp_path, workspace):
-    cfg = _pipeline(tmp_path, "{n_trials: 2, trial_epochs: 1}", goal="{speedup: 5000, max_accuracy_drop: 50}")
+    cfg = _pipeline(tmp_path, "{n_trials: 2, trial_epochs: 1}", goal="{speedup: 5000, metric: macs, max_accuracy_drop: 50}")
     _base(cfg, "r1")
     with pytest.raises(StageError, match="none of 2 trials completed") as err:
         run_stage("search", "s", "r1", config_path=cfg)
@@ -141,7 +141,8 @@ def test_rerunning_the_stage_resumes_the_study(tmp_path, workspace):
     assert len(_runs(workspace, "r1", "search_trial")) == 5
 
 
-def test_a_killed_workers_trial_is_failed_and_run_again(tmp_path, workspace):
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["killed", "interrupted"])
+def test_a_stopped_workers_trial_is_failed_and_run_again(tmp_path, workspace, how):
     cfg = _pipeline(tmp_path, "{n_trials: 3, trial_epochs: 6, pruner: none, heartbeat_seconds: 1}")
     _base(cfg, "r1")
     env = {**os.environ, "SHRINKFLOW_HOME": str(workspace), "SHRINKFLOW_PIPELINES": str(cfg)}
@@ -159,9 +160,14 @@ def test_a_killed_workers_trial_is_failed_and_run_again(tmp_path, workspace):
             pass
         time.sleep(0.05)
     assert running, f"the worker never started a trial: {worker.communicate()[0][-2000:]!r}"
-    worker.send_signal(signal.SIGKILL)  # as a preempted machine: no cleanup, the trial stays RUNNING
-    worker.wait()
+    # SIGKILL: a preempted machine, no cleanup, the trial stays RUNNING until its heartbeat is stale;
+    # SIGINT (Ctrl-C): the worker fails the trial and queues it again on its way out
+    worker.send_signal(how)
+    assert worker.wait(timeout=60) == (-9 if how == signal.SIGKILL else 130)
     killed = running[0]
+    if how == signal.SIGINT:
+        requeued = _study(workspace, "r1").get_trials(states=(TrialState.WAITING,))
+        assert [t.system_attrs["failed_trial"] for t in requeued] == [killed.number]
 
     run_stage("search", "s", "r1", config_path=cfg)  # waits out the stale heartbeat, re-queues, finishes
     trials = _study(workspace, "r1").trials
@@ -188,7 +194,7 @@ def test_a_new_run_starts_from_the_previous_runs_choice(tmp_path, workspace):
 
 def test_multi_objective_search_returns_a_pareto_front(tmp_path, workspace):
     cfg = _pipeline(tmp_path, "{n_trials: 6, trial_epochs: 1, sampler: nsga2, cost: macs}",
-                    goal="{speedup: 1.2, max_accuracy_drop: 50}")
+                    goal="{speedup: 1.2, metric: macs, max_accuracy_drop: 50}")
     _base(cfg, "r1")
     run_stage("search", "s", "r1", config_path=cfg)
     study = _study(workspace, "r1")

@@ -127,3 +127,21 @@ def test_layer_scale_shapes_a_cut_that_still_meets_the_target() -> None:
     kept = res.model.layers[2].conv1.out_channels, uniform.model.layers[2].conv1.out_channels
     assert kept[0] > kept[1]  # the protected layer keeps more channels than under the uniform cut
     assert res.model(X).shape == (1, 10)
+
+
+def test_samplers_and_pruners_follow_the_config() -> None:
+    from tasks.search.study import pruner_for, sampler_for
+
+    sc = _cfg().search
+    assert type(sampler_for(sc, 0)).__name__ == "TPESampler" and type(pruner_for(sc)).__name__ == "MedianPruner"
+    hb = _cfg(search={"pruner": "hyperband", "trial_epochs": 9}).search
+    assert type(pruner_for(hb)).__name__ == "HyperbandPruner"
+    nsga = _cfg(search={"sampler": "nsga2", "pruner": "median"}).search
+    assert type(sampler_for(nsga, 0)).__name__ == "NSGAIISampler"
+    assert type(pruner_for(nsga)).__name__ == "NopPruner"  # Optuna prunes single-objective studies only
+    assert type(sampler_for(_cfg(search={"sampler": "random"}).search, 0)).__name__ == "RandomSampler"
+    # workers sample from different seeds, so they do not propose the same first points
+    study = optuna.create_study()
+    a, b = (sampler_for(sc, w).sample_independent(study, study.ask(), "x", optuna.distributions.FloatDistribution(0, 1))
+            for w in (0, 1))
+    assert a != b

@@ -15,9 +15,12 @@ def cfg(**over) -> PipelineConfig:
 
 def test_default_plan_prunes_for_the_goal_then_distils():
     plan = plan_from_config(cfg())
-    assert isinstance(plan[0], ChannelPrune) and plan[0].target_macs_reduction == 2.0
+    # a speedup is measured latency unless the goal asks for MACs
+    assert isinstance(plan[0], ChannelPrune) and plan[0].target_latency_reduction == 2.0
     assert isinstance(plan[-1], Distill)
     assert plan_from_json(plan_to_json(plan)) == plan
+    plan = plan_from_config(cfg(goal={"speedup": 2.0, "metric": "macs"}))
+    assert plan[0].target_macs_reduction == 2.0 and plan[0].target_latency_reduction is None
 
 
 def test_pinned_ratio_wins_over_goal_and_distill_switch():
