@@ -100,10 +100,17 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == n_out]
 
 
+def _layer_cap(channels: int, round_to: int | None) -> float:
+    """The largest ratio that leaves a layer of `channels` at least one channel (one group of round_to)
+    after Torch-Pruning's whole-channel rounding; above it the layer's group would be skipped."""
+    keep = round_to or 1
+    return max(0.0, min(0.95, 1.0 - (keep + 0.5) / max(channels, 1)))
+
+
 def _ratio_cap(model: nn.Module, round_to: int | None) -> float:
     """The largest uniform ratio that leaves the narrowest conv a channel (a group of round_to)."""
     narrowest = min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
-    return min(0.95, 1.0 - (round_to or 1) / narrowest)
+    return _layer_cap(narrowest, round_to)
 
 
 def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpData) -> dict[str, Any]:
@@ -118,8 +125,7 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
     ratio_dict = {modules[n]: r for n, r in (cfg.per_layer or {}).items()}
     for n, scale in (cfg.layer_scale or {}).items():
         conv = modules[n]
-        keep = (cfg.round_to or 1) / max(getattr(conv, "out_channels", 1), 1)
-        ratio_dict[conv] = max(0.0, min(ratio * scale, 0.95, 1.0 - keep))
+        ratio_dict[conv] = max(0.0, min(ratio * scale, _layer_cap(getattr(conv, "out_channels", 1), cfg.round_to)))
     batches = data.limited() if cfg.importance in NEEDS_BATCHES else []
     if cfg.importance in NEEDS_BATCHES and not batches:
         what = "gradient x weight" if cfg.importance == "taylor" else "auxiliary heads and gradients"
@@ -131,7 +137,8 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
         model,
         data.example,
         importance=importance,
-        pruning_ratio=min(ratio, 0.95),  # a solved scale can pass 1 when layer_scale shapes the cut
+        # with layer_scale a solved scale can pass the cap: the layers it does not name stop at the cap
+        pruning_ratio=min(ratio, _ratio_cap(model, cfg.round_to)) if cfg.layer_scale else ratio,
         pruning_ratio_dict=ratio_dict or None,
         ignored_layers=ignored,
         round_to=cfg.round_to,

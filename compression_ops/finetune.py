@@ -107,42 +107,46 @@ def fit(
     hooks = list(hooks or [])
     history = []
     step = 0
-    for epoch in range(spec.epochs):
-        model.train()
-        seen = correct = 0
-        total_loss = 0.0
-        it = wrap_epoch(train, epoch) if wrap_epoch else train
-        for x, y in it:
-            for h in hooks:
-                h.before_step(step, steps)
-            x = layout(x)
-            out = model(x)
-            if use_kd:
-                with torch.no_grad():
-                    t_out = teacher(x)
-                loss = kd_loss(out, t_out, y, distill, spec.label_smoothing)
-                if hint is not None:
-                    loss = loss + distill.hint_weight * hint.loss()
-            else:
-                loss = F.cross_entropy(out, y, label_smoothing=spec.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for h in hooks:
-                h.after_step(step, steps)
-            step += 1
-            seen += len(y)
-            total_loss += float(loss.detach()) * len(y)
-            correct += int((out.argmax(1) == y).sum())
-        row = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": 100.0 * correct / seen}
-        if val is not None:
-            row["val_accuracy"] = evaluate(model, val)["accuracy"]
-        history.append(row)
-        if on_epoch:
-            on_epoch(epoch + 1, row)
-    if hint is not None:
-        hint.remove()
-    model.to(memory_format=torch.contiguous_format)
-    model.eval()
+    try:
+        for epoch in range(spec.epochs):
+            model.train()
+            seen = correct = 0
+            total_loss = 0.0
+            it = wrap_epoch(train, epoch) if wrap_epoch else train
+            for x, y in it:
+                for h in hooks:
+                    h.before_step(step, steps)
+                x = layout(x)
+                out = model(x)
+                if use_kd:
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                    loss = kd_loss(out, t_out, y, distill, spec.label_smoothing)
+                    if hint is not None:
+                        loss = loss + distill.hint_weight * hint.loss()
+                else:
+                    loss = F.cross_entropy(out, y, label_smoothing=spec.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                for h in hooks:
+                    h.after_step(step, steps)
+                step += 1
+                seen += len(y)
+                total_loss += float(loss.detach()) * len(y)
+                correct += int((out.argmax(1) == y).sum())
+            row = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": 100.0 * correct / seen}
+            if val is not None:
+                row["val_accuracy"] = evaluate(model, val)["accuracy"]
+            history.append(row)
+            if on_epoch:
+                on_epoch(epoch + 1, row)
+    finally:  # also when a hook or on_epoch stops training (a pruned search trial): leave no hook behind
+        if hint is not None:
+            hint.remove()
+        model.to(memory_format=torch.contiguous_format)
+        if use_kd:
+            teacher.to(memory_format=torch.contiguous_format)
+        model.eval()
     return history

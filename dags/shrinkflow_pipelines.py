@@ -36,8 +36,8 @@ def resolve_pipelines_file() -> Path:
     return path if path.is_absolute() else (REPO_ROOT / path).resolve()
 
 
-def _stage_task(stage: str, pipeline: str, config_path: str):
-    @task(task_id=stage)
+def _stage_task(stage: str, pipeline: str, config_path: str, trigger_rule: str = "all_success"):
+    @task(task_id=stage, trigger_rule=trigger_rule)
     def run(shrinkflow_run_id: str, **context: Any) -> dict[str, Any]:
         from tasks.stages import run_stage
 
@@ -103,7 +103,9 @@ def build_dag(name: str, cfg: PipelineConfig, config_path: Path):
                 first, mapped = _search_fanout(name, str(config_path), cfg.search.workers, run_id)
                 previous >> first
                 previous = mapped
-            out = _stage_task(stage, name, str(config_path))(run_id)
+            # After the fan-out the search runs even if a worker failed: it runs what that worker left.
+            rule = "all_done" if stage == "search" and fan_out else "all_success"
+            out = _stage_task(stage, name, str(config_path), rule)(run_id)
             if previous is not None:
                 previous >> out
             previous = out

@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tasks.config import PipelineConfig
-from tasks.errors import StageError
+from tasks.errors import ConfigError, StageError
 from tasks.progress import say
 from tasks.search import study as st
 from tasks.search.space import SearchSpace
@@ -98,15 +98,25 @@ def prepare(cfg: PipelineConfig, paths: RunPaths, *, worker: int = 0, tracker: b
     from tasks.models.checkpoint import load_checkpoint
     from tasks.stages.context import StageContext
 
+    url = st.storage_url(cfg.search, paths)
+    if cfg.search.workers > 1 and url.startswith("sqlite"):
+        raise ConfigError(
+            f"pipeline {cfg.name!r}: search.workers={cfg.search.workers} share one study, and the default "
+            "storage is SQLite in the workspace, which workers on other machines cannot reach: set search.storage "
+            "(or $SHRINKFLOW_OPTUNA_STORAGE) to postgresql+psycopg2://user@host:5432/db"
+        )
     ctx = StageContext(cfg=cfg, paths=paths, tracker=None)  # type: ignore[arg-type]
     base, _ = load_checkpoint(paths.require("train_base", "model.pt"))
     splits = ctx.splits()
+    SearchSpace(cfg, base, splits.example(1), None)  # a bad search.space fails now, not after the scan
     sens = load_or_scan_sensitivity(cfg, paths, base, splits)
     space = SearchSpace(cfg, base, splits.example(1), sens)
-    trials_tracker = tracking.TrialTracker(paths, tracking.stage_run_id(paths, "search")) if tracker else None
+    trials_tracker = None
+    if tracker:
+        with st.claim_lock(url, f"{st.study_name(paths)}:mlflow"):  # one search run, however many workers start
+            trials_tracker = tracking.TrialTracker(paths, tracking.stage_run_id(paths, "search"))
     runner = TrialRunner(cfg, base, splits, space, LatencyCache(paths.root / "cache" / "latency-host.json"),
                          tracker=trials_tracker, worker=worker)
-    url = st.storage_url(cfg.search, paths)
     study = st.open_study(cfg.search, paths, runner.directions, worker)
     session = Session(cfg, paths, space, study, runner, url, sens)
     if cfg.search.n_trials:
@@ -134,12 +144,14 @@ def _warm_start(s: Session) -> None:
         say(f"search: warm start from {', '.join(q[0] for q in queued)}")
 
 
-def work(s: Session, max_trials: int | None = None) -> int:
+def work(s: Session, max_trials: int | None = None, deadline: float | None = None) -> int:
     """Claim and run trials until the study's budget (or this worker's share, or the timeout) is spent."""
     sc = s.cfg.search
-    t0, done = time.time(), 0
+    if deadline is None and sc.timeout_minutes:
+        deadline = time.time() + 60 * sc.timeout_minutes
+    done = 0
     while max_trials is None or done < max_trials:
-        if sc.timeout_minutes and time.time() - t0 > 60 * sc.timeout_minutes:
+        if deadline is not None and time.time() > deadline:
             say(f"search worker {s.runner.worker}: timeout ({sc.timeout_minutes} min) reached")
             break
         trial = st.claim_trial(s.study, sc, s.url)
@@ -164,8 +176,9 @@ def finish(s: Session) -> int:
     """Run what is left of the budget, wait for other workers, and run again what a dead worker left
     (its stale trial comes back queued); returns the trials run here."""
     ran = 0
+    deadline = time.time() + 60 * s.cfg.search.timeout_minutes if s.cfg.search.timeout_minutes else None
     while True:
-        ran += work(s)
+        ran += work(s, deadline=deadline)
         wait_for_workers(s)
         if not s.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return ran
@@ -269,6 +282,18 @@ def efficiency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _close_stale_runs(s: Session) -> None:
+    """MLflow runs of trials whose worker died stay RUNNING: end them FAILED, as their trials are."""
+    if s.runner.tracker is None:
+        return
+    client = s.runner.tracker.client
+    for t in s.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        rid = t.user_attrs.get("mlflow_run_id")
+        if rid and client.get_run(rid).info.status == "RUNNING":
+            client.set_tag(rid, "trial_state", "STALE")
+            client.set_terminated(rid, "FAILED")
+
+
 def summarize(s: Session, out: Path) -> dict[str, Any]:
     """Choose the plan and write: plan.json, choice.json, trials.json/.csv, pareto.png, efficiency.json/.png."""
     import csv
@@ -276,6 +301,7 @@ def summarize(s: Session, out: Path) -> dict[str, Any]:
     from tasks.plots import plot_efficiency, plot_pareto
 
     wait_for_workers(s)
+    _close_stale_runs(s)
     chosen, why, feasible = choose(s)
     rows = trial_rows(s)
     point = {**s.space.defaults(), **chosen.params}

@@ -30,8 +30,8 @@ from compression_ops import Distill, OpConfig, config_from_dict
 from compression_ops.base import OpConfigError
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError
+from tasks.stages.plan import PRUNE_AMOUNT
 
-_PRUNE_AMOUNT = ("ratio", "per_layer", "layer_scale", "target_macs_reduction", "target_latency_reduction")
 QAT_BITS = [2, 3, 4, 5, 6, 8]
 
 
@@ -109,10 +109,23 @@ class SearchSpace:
         goal = cfg.goal
         for i, e in enumerate(self.entries):
             op = e["op"]
-            if op == "channel_prune" and not any(e.get(k) is not None for k in _PRUNE_AMOUNT):
+            if op == "channel_prune" and not any(e.get(k) is not None for k in PRUNE_AMOUNT):
                 if goal.speedup is None or self.multi_objective:
+                    if not (self.multi_objective or goal.size_mb or goal.latency_ms):
+                        raise ConfigError(
+                            f"pipeline {cfg.name!r}: compression.plan[{i}] (channel_prune) prunes by how much? "
+                            "The search maximises accuracy, so with no cost goal it would prune nothing: set "
+                            "goal.speedup, goal.size_mb or goal.latency_ms, or search.sampler: nsga2 for a Pareto front"
+                        )
                     self._add(Param("prune.ratio", "float", 0.05, 0.85, default=0.5))
-                if cfg.search.prune_shape == "sensitivity" and self.sensitivity:
+                if e.get("layer_scale"):
+                    pass  # the user's shape, pinned: only the total is solved or searched
+                elif cfg.search.prune_shape == "sensitivity":
+                    if not cfg.compression.sensitivity.enabled:
+                        raise ConfigError(
+                            f"pipeline {cfg.name!r}: search.prune_shape: sensitivity needs the scan: set "
+                            "compression.sensitivity.enabled: true, or prune_shape: per_layer"
+                        )
                     self._add(Param("prune.shape_power", "float", 0.0, 3.0, default=1.0))
                 else:
                     for g in self.groups:
@@ -139,7 +152,20 @@ class SearchSpace:
             self._add(Param("distill.temperature", "float", 1.0, 8.0, default=d.temperature))
             self._add(Param("distill.alpha", "float", 0.3, 0.95, default=d.alpha))
         self._add(Param("finetune.lr", "float", 0.003, 0.1, log=True, default=min(max(cfg.finetune.lr, 0.003), 0.1)))
+        self._check_entries()
         self._apply_overrides(cfg.search.space)
+
+    def _check_entries(self) -> None:
+        """Each plan entry, with this space's defaults filled in, must be a valid op config."""
+        point = self.defaults()
+        for i, e in enumerate(self.entries):
+            if e["op"] == "distill":
+                raise ConfigError(f"pipeline {self.cfg.name!r}: compression.plan[{i}]: distill is configured "
+                                  "under finetune.distill, not in the plan")
+            try:
+                self._build_entry(dict(e), point)
+            except (OpConfigError, TypeError, ValueError, KeyError) as err:
+                raise ConfigError(f"pipeline {self.cfg.name!r}: compression.plan[{i}] is invalid: {err}") from err
 
     def _add(self, p: Param) -> None:
         self.params[p.name] = p
@@ -169,10 +195,16 @@ class SearchSpace:
                 p.default = p.clip(p.default)
             else:
                 p.fixed, p.is_fixed = v, True
-        try:  # a pinned or narrowed value must still make valid op configs
-            self.build({n: (p.fixed if p.is_fixed else p.default) for n, p in self.params.items()})
-        except (OpConfigError, TypeError, ValueError) as err:
-            raise ConfigError(f"{where}: the pinned values make an invalid plan: {err}") from err
+        # pinned values, and both ends of every range, must still make valid op configs
+        points = [self.defaults()]
+        for p in self.searched:
+            if p.kind != "categorical" and overrides.get(p.name) is not None:
+                points += [self.defaults() | {p.name: p.low}, self.defaults() | {p.name: p.high}]
+        for point in points:
+            try:
+                self.build(point)
+            except (OpConfigError, TypeError, ValueError) as err:
+                raise ConfigError(f"{where}: the pinned values or ranges make an invalid plan: {err}") from err
 
     # --- points ---------------------------------------------------------------------------------
 
@@ -219,37 +251,36 @@ class SearchSpace:
         mean = sum(raw.values()) / max(len(raw), 1)
         return {k: v / mean for k, v in raw.items()}
 
+    def _build_entry(self, e: dict[str, Any], point: dict[str, Any]) -> OpConfig:
+        goal = self.cfg.goal
+        op = e["op"]
+        if op == "channel_prune" and not any(e.get(k) is not None for k in PRUNE_AMOUNT):
+            if "prune.shape_power" in point:
+                e["layer_scale"] = {k: round(v, 4) for k, v in self._shape(float(point["prune.shape_power"])).items()}
+            elif not e.get("layer_scale"):
+                e["layer_scale"] = {g[0]: round(float(point[f"prune.scale.{g[0]}"]), 4) for g in self.groups}
+            if "prune.ratio" in point:
+                e["ratio"] = float(point["prune.ratio"])
+            elif goal.metric == "latency":
+                e["target_latency_reduction"] = goal.speedup
+            else:
+                e["target_macs_reduction"] = goal.speedup
+        elif op == "sparsify" and "sparsity" in point:
+            e["sparsity"] = float(point["sparsity"])
+        elif op == "qat" and any(k.startswith("bits.") for k in point):
+            e["per_layer_bits"] = {k[5:]: int(v) for k, v in point.items() if k.startswith("bits.")}
+            e["bits"] = max(e["per_layer_bits"].values())
+        elif op == "kmeans" and "kmeans.bits" in point:
+            e["bits"] = int(point["kmeans.bits"])
+        elif op == "low_rank" and "lowrank.energy" in point:
+            e["energy"] = float(point["lowrank.energy"])
+        elif op == "quantize_int8" and "int8.calibration" in point:
+            e["calibration"] = point["int8.calibration"]
+        return config_from_dict(e)
+
     def build(self, point: dict[str, Any]) -> tuple[list[OpConfig], dict[str, Any]]:
         """The plan (op configs, distillation last) and the fine-tune settings of a point."""
-        goal = self.cfg.goal
-        plan: list[OpConfig] = []
-        for e in self.entries:
-            e = dict(e)
-            op = e["op"]
-            if op == "channel_prune" and not any(e.get(k) is not None for k in _PRUNE_AMOUNT):
-                if "prune.shape_power" in point:
-                    scale = self._shape(float(point["prune.shape_power"]))
-                else:
-                    scale = {g[0]: float(point[f"prune.scale.{g[0]}"]) for g in self.groups}
-                e["layer_scale"] = {k: round(v, 4) for k, v in scale.items()}
-                if "prune.ratio" in point:
-                    e["ratio"] = float(point["prune.ratio"])
-                elif goal.metric == "latency":
-                    e["target_latency_reduction"] = goal.speedup
-                else:
-                    e["target_macs_reduction"] = goal.speedup
-            elif op == "sparsify" and "sparsity" in point:
-                e["sparsity"] = float(point["sparsity"])
-            elif op == "qat" and any(k.startswith("bits.") for k in point):
-                e["per_layer_bits"] = {k[5:]: int(v) for k, v in point.items() if k.startswith("bits.")}
-                e["bits"] = max(e["per_layer_bits"].values())
-            elif op == "kmeans" and "kmeans.bits" in point:
-                e["bits"] = int(point["kmeans.bits"])
-            elif op == "low_rank" and "lowrank.energy" in point:
-                e["energy"] = float(point["lowrank.energy"])
-            elif op == "quantize_int8" and "int8.calibration" in point:
-                e["calibration"] = point["int8.calibration"]
-            plan.append(config_from_dict(e))
+        plan: list[OpConfig] = [self._build_entry(dict(e), point) for e in self.entries]
         d = self.cfg.finetune.distill
         if d.enabled:
             plan.append(Distill(temperature=float(point.get("distill.temperature", d.temperature)),

@@ -3,9 +3,10 @@
 One study per pipeline run (`<pipeline>:<run_id>`), so re-running the search stage resumes it. Workers
 (processes, Airflow mapped tasks, machines) share it through the storage: SQLite in the workspace by
 default, PostgreSQL for many workers. A worker claims a trial under a lock (a PostgreSQL advisory
-lock, or a file lock beside a SQLite file), so the study ends with exactly `n_trials` trials however
-many workers race for them. A running trial sends heartbeats; a trial whose worker died goes stale, is
-marked failed and is queued again with the same parameters (it does not count against the budget).
+lock, or a file lock beside a SQLite file), so the study ends with exactly `n_trials` trials that
+count, however many workers race for them. A running trial sends heartbeats; a trial whose worker died
+goes stale, is marked failed and is queued again with the same parameters: the failed one stays in the
+study, beside its retry, and does not count against the budget.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tasks.config import SearchConfig
+from tasks.errors import ConfigError
 from tasks.workspace import RunPaths
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -58,9 +60,10 @@ def _storage(url: str, sc: SearchConfig) -> optuna.storages.RDBStorage:
     )
 
 
-def sampler_for(sc: SearchConfig, worker: int) -> optuna.samplers.BaseSampler:
-    """The configured sampler; each worker gets its own seed, so workers do not propose the same points."""
-    seed = sc.seed + 7919 * worker
+def sampler_for(sc: SearchConfig, worker: int, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler. Each worker, and each resumption of the study (resumed_at: trials it
+    held), gets its own seed, so nobody re-proposes the points a seeded sampler proposed before."""
+    seed = sc.seed + 7919 * worker + 104729 * resumed_at
     # constraints: each trial sets its goal violations with trial.set_constraint (Optuna 5)
     if sc.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -94,14 +97,19 @@ def open_study(sc: SearchConfig, paths: RunPaths, directions: list[str], worker:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     storage = _storage(url, sc)
     with claim_lock(url, study_name(paths)):  # two workers creating the study at once would collide
-        return optuna.create_study(
-            storage=storage,
-            study_name=study_name(paths),
-            directions=directions,
-            sampler=sampler_for(sc, worker),
-            pruner=pruner_for(sc),
-            load_if_exists=True,
+        study = optuna.create_study(
+            storage=storage, study_name=study_name(paths), directions=directions, load_if_exists=True
         )
+        if list(study.directions) != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize"
+                                      else optuna.study.StudyDirection.MINIMIZE for d in directions]:
+            raise ConfigError(
+                f"study {study.study_name} in {url.split('@')[-1]} was made for another sampler kind "
+                f"({len(study.directions)} objective(s)); a run's search cannot switch between single and "
+                "multi-objective: use a new run id"
+            )
+        study.sampler = sampler_for(sc, worker, len(study.get_trials(deepcopy=False)))
+        study.pruner = pruner_for(sc)
+        return study
 
 
 @contextlib.contextmanager
@@ -169,7 +177,10 @@ def claim_trial(study: optuna.Study, sc: SearchConfig, url: str) -> optuna.Trial
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if not waiting and budget_used(study) >= sc.n_trials:
             return None
-        return study.ask()
+        trial = study.ask()
+        # beat at once: a worker dying before its Heartbeat thread starts still leaves a trial that goes stale
+        study._storage.record_heartbeat(trial._trial_id)
+        return trial
 
 
 def requeue(study: optuna.Study, trial: optuna.Trial) -> None:

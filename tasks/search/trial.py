@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compression_ops import Distill, OpData, TrainSpec, apply, evaluate, fit
-from compression_ops.base import OpConfigError, report_scalars, to_plain
+from compression_ops.base import report_scalars, to_plain
 from compression_ops.channel_prune import latency_reduction
 from compression_ops.metrics import count_macs, count_params
 from compression_ops.packing import pack_state_dict
@@ -149,34 +149,40 @@ class TrialRunner:
             run.params({"trial": point})
         state, values, metrics = TrialStateOutcome.FAIL, None, {}
         try:
-            metrics, plan_json = self._evaluate(trial, point, run)
-            values = self.objective_values(metrics)
-            cons, names = self.constraints(metrics)
-            trial.set_user_attr("constraints", cons)
-            trial.set_user_attr("constraint_names", names)
-            for name, c in zip(names, cons, strict=True):
-                trial.set_constraint(name, c)  # what TPE / NSGA-II read to prefer feasible points
-            trial.set_user_attr("metrics", metrics)
-            trial.set_user_attr("plan", plan_json)
-            state = TrialStateOutcome.COMPLETE
-        except optuna.TrialPruned:
-            state = TrialStateOutcome.PRUNED
-        except (OpConfigError, ValueError, RuntimeError) as e:
-            # A point the ops refuse (e.g. a cut out of reach) is a failed trial with its reason recorded.
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
-            trial.set_user_attr("constraints", [1.0])
-        seconds = time.perf_counter() - t0
-        trial.set_user_attr("seconds", round(seconds, 2))
-        if state == TrialStateOutcome.COMPLETE:
-            study.tell(trial, values)
-        elif state == TrialStateOutcome.PRUNED:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        if run is not None:
-            run.metrics({**{k: v for k, v in metrics.items() if isinstance(v, int | float)}, "trial_seconds": seconds})
-            run.tags({"trial_state": state, **({"error": trial.user_attrs["error"][:500]} if "error" in trial.user_attrs else {})})
-            run.finish({"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
+            try:
+                metrics, plan_json = self._evaluate(trial, point, run)
+                values = self.objective_values(metrics)
+                cons, names = self.constraints(metrics)
+                trial.set_user_attr("constraints", cons)
+                trial.set_user_attr("constraint_names", names)
+                trial.set_user_attr("metrics", metrics)
+                trial.set_user_attr("plan", plan_json)
+                for name, c in zip(names, cons, strict=True):
+                    trial.set_constraint(name, c)  # what TPE / NSGA-II read to prefer feasible points
+                state = TrialStateOutcome.COMPLETE
+            except optuna.TrialPruned:
+                state = TrialStateOutcome.PRUNED
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # another worker declared this trial stale (its retry runs the point again): drop ours
+                state = TrialStateOutcome.STALE
+            except Exception as e:  # noqa: BLE001 - a point the ops refuse, or a crash: a failed trial, with why
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+                trial.set_user_attr("constraints", [1.0])
+            seconds = time.perf_counter() - t0
+            if state != TrialStateOutcome.STALE:
+                trial.set_user_attr("seconds", round(seconds, 2))
+                if state == TrialStateOutcome.COMPLETE:
+                    study.tell(trial, values, skip_if_finished=True)
+                else:
+                    tstate = optuna.trial.TrialState.PRUNED if state == TrialStateOutcome.PRUNED else optuna.trial.TrialState.FAIL
+                    study.tell(trial, state=tstate, skip_if_finished=True)
+        finally:
+            if run is not None:  # the MLflow run ends with the trial, whatever happened
+                run.metrics({**{k: v for k, v in metrics.items() if isinstance(v, int | float)},
+                             "trial_seconds": time.perf_counter() - t0})
+                error = trial.user_attrs.get("error") if state == TrialStateOutcome.FAIL else None
+                run.tags({"trial_state": state, **({"error": error[:500]} if error else {})})
+                run.finish({"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
 
     def _evaluate(self, trial: optuna.Trial, point: dict[str, Any], run) -> tuple[dict[str, float], list[dict]]:
         from tasks.stages.plan import ops_in_phase
@@ -238,4 +244,4 @@ class TrialRunner:
 
 
 class TrialStateOutcome:
-    COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
+    COMPLETE, PRUNED, FAIL, STALE = "COMPLETE", "PRUNED", "FAIL", "STALE"

@@ -14,7 +14,7 @@ from tasks.errors import ConfigError
 from tasks.progress import say
 
 # Fields of channel_prune that fix how much is pruned; without one, the goal decides.
-_PRUNE_AMOUNT = ("ratio", "per_layer", "target_macs_reduction", "target_latency_reduction")
+PRUNE_AMOUNT = ("ratio", "per_layer", "target_macs_reduction", "target_latency_reduction")
 
 
 def plan_from_config(cfg: PipelineConfig) -> list[OpConfig]:
@@ -23,7 +23,7 @@ def plan_from_config(cfg: PipelineConfig) -> list[OpConfig]:
     plan: list[OpConfig] = []
     for i, item in enumerate(cfg.compression.plan):
         item = dict(item)
-        if item["op"] == "channel_prune" and not any(item.get(k) for k in _PRUNE_AMOUNT):
+        if item["op"] == "channel_prune" and not any(item.get(k) is not None for k in PRUNE_AMOUNT):
             if goal.speedup is None:
                 raise ConfigError(
                     f"pipeline {cfg.name!r}: compression.plan[{i}] (channel_prune) prunes by how much? "

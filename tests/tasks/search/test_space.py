@@ -95,13 +95,40 @@ def test_pins_and_ranges_from_pipelines_yaml_hold_in_every_trial() -> None:
         ({"int8.calibration": [0, 1]}, "use {choices: [...]}"),
         ({"finetune.lr": [0.0, 0.1]}, "log scale, its low end must be > 0"),
         ({"int8.calibration": {"choice": ["mse"]}}, "a mapping must be {choices: [a, b, ...]}"),
-        ({"int8.calibration": "bogus"}, "the pinned values make an invalid plan"),
+        ({"int8.calibration": "bogus"}, "the pinned values or ranges make an invalid plan"),
     ],
 )
 def test_bad_overrides_name_the_parameter_and_the_fix(overrides, message) -> None:
     with pytest.raises(ConfigError, match="search.space") as err:
         SearchSpace(_cfg(search={"space": overrides}), _model(), X)
     assert message in str(err.value)
+
+
+def test_a_range_end_outside_the_ops_limits_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"pinned values or ranges make an invalid plan: sparsity=1.2"):
+        SearchSpace(_cfg(plan=[{"op": "sparsify"}], search={"space": {"sparsity": [0.3, 1.2]}}, goal={"size_mb": 1}),
+                    _model(), X)
+
+
+@pytest.mark.parametrize(
+    ("plan", "search", "goal", "message"),
+    [
+        ([{"op": "channel_prune", "importance": "bogus"}], {}, None, r"compression.plan\[0\] is invalid: importance='bogus'"),
+        ([{"op": "channel_prune"}], {}, {"max_accuracy_drop": 1}, "prunes by how much"),
+        ([{"op": "channel_prune"}, {"op": "distill"}], {}, None, r"plan\[1\]: distill is configured under finetune"),
+    ],
+)
+def test_bad_plans_name_the_entry(plan, search, goal, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SearchSpace(_cfg(plan=plan, search=search, goal=goal), _model(), X)
+
+
+def test_a_pinned_shape_is_kept_and_only_the_total_solved() -> None:
+    shape = {"stem.0": 0.5}
+    space = SearchSpace(_cfg(plan=[{"op": "channel_prune", "layer_scale": shape}]), _model(), X)
+    assert not [n for n in space.params if n.startswith("prune.")]
+    (prune, _), _ = space.build(space.defaults())
+    assert prune.layer_scale == shape and prune.target_macs_reduction == 3.0
 
 
 def test_sensitivity_shapes_the_warm_start() -> None:
