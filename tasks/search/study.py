@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from tasks.errors import ConfigError
 from tasks.workspace import RunPaths
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Heartbeats drive our ask/tell workers (Heartbeat below); Optuna expects them only under Study.optimize.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 ATTR_WARM = "shrinkflow.warm_started"
 ATTR_MLFLOW_PARENT = "shrinkflow.mlflow_search_run"
