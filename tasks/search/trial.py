@@ -74,7 +74,7 @@ class TrialRunner:
     base_val: float = 0.0
     base_macs: int = 0
     base_bytes: int = 0
-    _train: TensorBatches | None = field(default=None, repr=False)
+    _train_xy: tuple | None = field(default=None, repr=False)
     _val: list | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,9 +83,7 @@ class TrialRunner:
         if sc.train_subset and sc.train_subset < len(y):
             idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(sc.seed))[: sc.train_subset]
             x, y = x[idx], y[idx]
-        bs = self.cfg.finetune.batch_size
-        self._train = TensorBatches(x, y, bs, shuffle=True, augment=self.cfg.train.augment, seed=sc.seed + 1,
-                                    drop_last=len(y) >= 2 * bs)
+        self._train_xy = (x, y)
         vx, vy = self.splits.tensors["val"]
         n = min(sc.val_images, len(vy))
         self._val = [(vx[i : min(i + 500, n)], vy[i : min(i + 500, n)]) for i in range(0, n, 500)]
@@ -191,7 +189,13 @@ class TrialRunner:
         plan_json = [p.to_dict() for p in plan]
         if run is not None:
             run.log_dict({"plan": plan_json, "finetune": ft, "point": point}, "plan.json")
-        data = OpData(example=self.example, batches=self._train, max_batches=8)
+        # A fresh loader per trial: every trial sees the same batches in the same order (a shared loader
+        # reshuffles on each pass, so a point's score depended on its position in the study)
+        x, y = self._train_xy
+        bs = self.cfg.finetune.batch_size
+        train = TensorBatches(x, y, bs, shuffle=True, augment=self.cfg.train.augment, seed=self.cfg.search.seed + 1,
+                              drop_last=len(y) >= 2 * bs)
+        data = OpData(example=self.example, batches=train, max_batches=8)
         model = copy.deepcopy(self.base)
         hooks, report = [], {}
         for op in ops_in_phase(plan, "structure") + ops_in_phase(plan, "train"):
@@ -213,7 +217,7 @@ class TrialRunner:
 
         spec = TrainSpec(epochs=sc.trial_epochs, lr=ft["lr"], weight_decay=self.cfg.finetune.weight_decay,
                          schedule="cosine", seed=self.cfg.train.seed)
-        fit(model, self._train, spec, teacher=self.base if distill else None, distill=distill, val=self._val,
+        fit(model, train, spec, teacher=self.base if distill else None, distill=distill, val=self._val,
             on_epoch=on_epoch, hooks=hooks)
         for h in hooks:
             h.finish()

@@ -143,7 +143,8 @@ def test_rerunning_the_stage_resumes_the_study(tmp_path, workspace):
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["killed", "interrupted"])
 def test_a_stopped_workers_trial_is_failed_and_run_again(tmp_path, workspace, how):
-    cfg = _pipeline(tmp_path, "{n_trials: 3, trial_epochs: 6, pruner: none, heartbeat_seconds: 1}")
+    # 20 epochs: a trial long enough that the signal lands mid-training, not after its last epoch
+    cfg = _pipeline(tmp_path, "{n_trials: 3, trial_epochs: 20, pruner: none, heartbeat_seconds: 1}")
     _base(cfg, "r1")
     env = {**os.environ, "SHRINKFLOW_HOME": str(workspace), "SHRINKFLOW_PIPELINES": str(cfg)}
     worker = subprocess.Popen(
