@@ -34,6 +34,11 @@ def plot_sensitivity(scans: list[dict[str, Any]], path: Path, title: str = "") -
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out and write the figure atomically (temp file, then rename), then free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +50,16 @@ def plot_sensitivity(scans: list[dict[str, Any]], path: Path, title: str = "") -
         tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
+
+
+def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, grid and legend of a one-panel figure, then _save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
 
 
 COST_KEYS = {"macs": ("macs", 1e-6, "MACs per image (M)"), "size": ("size_mb", 1.0, "packed size (MB)"),
@@ -72,15 +87,8 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, *, cost: str, chosen: in
         ch = [p for p in pts if p[2]["trial"] == chosen]
         if ch:
             ax.scatter([ch[0][0]], [ch[0][1]], marker="*", s=250, c="tab:red", label=f"chosen (trial {chosen})", zorder=3)
-    ax.set_xlabel(label)
-    ax.set_ylabel("validation accuracy after the trial's fine-tune (%)")
-    ax.set_title(title or "search trials")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, label, "validation accuracy after the trial's fine-tune (%)",
+                   title or "search trials")
 
 
 def plot_efficiency(curves: dict[str, list[dict[str, Any]]], path: Path, title: str = "",
@@ -96,12 +104,4 @@ def plot_efficiency(curves: dict[str, list[dict[str, Any]]], path: Path, title: 
     for name, y in (reference or {}).items():
         ax.axhline(y, ls="--", c="gray", lw=1)
         ax.annotate(name, (1, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
-    ax.set_xlabel("trials run")
-    ax.set_ylabel("best feasible validation accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "trials run", "best feasible validation accuracy (%)", title)

@@ -15,7 +15,7 @@ import optuna
 import torch
 from torch import nn
 
-from compression_ops import Distill, OpData, TrainSpec, apply, evaluate, fit
+from compression_ops import Distill, OpData, TrainSpec, evaluate, fit
 from compression_ops.base import report_scalars, to_plain
 from compression_ops.channel_prune import latency_reduction
 from compression_ops.metrics import count_macs, count_params
@@ -183,7 +183,7 @@ class TrialRunner:
                 run.finish({"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
 
     def _evaluate(self, trial: optuna.Trial, point: dict[str, Any], run) -> tuple[dict[str, float], list[dict]]:
-        from tasks.stages.plan import ops_in_phase
+        from tasks.stages.plan import apply_ops, ops_in_phase
 
         plan, ft = self.space.build(point)
         plan_json = [p.to_dict() for p in plan]
@@ -196,12 +196,10 @@ class TrialRunner:
         train = TensorBatches(x, y, bs, shuffle=True, augment=self.cfg.train.augment, seed=self.cfg.search.seed + 1,
                               drop_last=len(y) >= 2 * bs)
         data = OpData(example=self.example, batches=train, max_batches=8)
-        model = copy.deepcopy(self.base)
-        hooks, report = [], {}
-        for op in ops_in_phase(plan, "structure") + ops_in_phase(plan, "train"):
-            res = apply(model, op, data)
-            model, hooks = res.model, hooks + res.hooks
-            report.update({f"{op.op}.{k}": v for k, v in report_scalars(res.report).items()})
+        pre = ops_in_phase(plan, "structure") + ops_in_phase(plan, "train")
+        # a copy: a plan with no structural or training op would otherwise fine-tune the base itself
+        model, hooks, reports = apply_ops(self.cfg, copy.deepcopy(self.base), pre, data, quiet=True)
+        report = {f"{r['op']}.{k}": v for r in reports for k, v in report_scalars(r).items()}
         distill = next((p for p in plan if isinstance(p, Distill)), None)
         sc = self.cfg.search
         prunable = not self.space.multi_objective
@@ -222,12 +220,7 @@ class TrialRunner:
         for h in hooks:
             h.finish()
         model = to_plain(model).eval()
-        deployed = model
-        post = ops_in_phase(plan, "post")
-        if post:
-            deployed = copy.deepcopy(model)
-            for op in post:
-                deployed = apply(deployed, op, data).model
+        deployed, _, _ = apply_ops(self.cfg, model, ops_in_phase(plan, "post"), data, quiet=True)
         acc = evaluate(deployed, self._val)["accuracy"]
         macs = count_macs(model, self.example)
         size = deployed_bytes(deployed)

@@ -51,8 +51,11 @@ def ops_in_phase(plan: list[OpConfig], phase: str) -> list[OpConfig]:
     return [op for op in plan if op.phase == phase]
 
 
-def apply_ops(cfg: PipelineConfig, model: Any, ops: list[OpConfig], data: OpData) -> tuple[Any, list[TrainHook], list[dict]]:
-    """Apply ops in order; returns the model, the hooks fine-tuning must call, and each op's report."""
+def apply_ops(
+    cfg: PipelineConfig, model: Any, ops: list[OpConfig], data: OpData, *, quiet: bool = False
+) -> tuple[Any, list[TrainHook], list[dict]]:
+    """Apply ops in order; returns the model, the hooks fine-tuning must call, and each op's report.
+    quiet: no line per op (search trials apply a plan many times)."""
     hooks: list[TrainHook] = []
     reports: list[dict] = []
     for op in ops:
@@ -61,7 +64,8 @@ def apply_ops(cfg: PipelineConfig, model: Any, ops: list[OpConfig], data: OpData
         except OpConfigError as e:
             raise ConfigError(f"pipeline {cfg.name!r}: {op.op} cannot run: {e}") from e
         model, hooks, reports = res.model, hooks + res.hooks, reports + [res.report]
-        say(f"{op.op}: {', '.join(f'{k}={v:.4g}' for k, v in report_scalars(res.report).items())}")
+        if not quiet:
+            say(f"{op.op}: {', '.join(f'{k}={v:.4g}' for k, v in report_scalars(res.report).items())}")
     return model, hooks, reports
 
 

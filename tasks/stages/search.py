@@ -60,12 +60,11 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
 
 
 def _no_search(ctx: StageContext, out: Path) -> dict[str, Any]:
-    from tasks.models.checkpoint import load_checkpoint
     from tasks.search.runner import load_or_scan_sensitivity
     from tasks.stages.plan import plan_from_config, plan_to_json
 
     plan_json = plan_to_json(plan_from_config(ctx.cfg))  # a bad plan fails here, before the scan
-    base, _ = load_checkpoint(ctx.paths.require("train_base", "model.pt"))
+    base, _ = ctx.model("train_base")
     load_or_scan_sensitivity(ctx.cfg, ctx.paths, base, ctx.splits())
     _log_sensitivity(ctx, out)
     write_json(out / "plan.json", plan_json)
