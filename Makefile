@@ -29,7 +29,7 @@ data:
 	  fi; \
 	fi
 
-demo: install data
+demo: install data arm-device
 	$(BIN)/shrinkflow run fashion_resnet
 
 test: install data
@@ -46,3 +46,12 @@ dvc-repro: install
 
 clean:
 	rm -rf .shrinkflow
+
+# The emulated aarch64 device: qemu-user running an aarch64 Python with the aarch64 TVM wheel as a
+# TVM RPC server on 127.0.0.1:$(ARM_PORT) (infra/devices.yaml's aarch64_neon). Stop it with
+# `infra/arm/rpc_device.sh stop`. Times measured on it are emulated, not ARM hardware speed.
+.PHONY: arm-device
+ARM_PORT ?= 9190
+arm-device: install
+	infra/arm/setup_device.sh
+	infra/arm/rpc_device.sh start $(ARM_PORT)

@@ -66,6 +66,11 @@ class GoalConfig(_Strict):
     size_mb: float | None = Field(None, gt=0, description="packed model size at most this many MB (1e6 bytes)")
     latency_ms: float | None = Field(None, gt=0, description="batch-1 latency at most this many ms (PyTorch eager)")
     max_accuracy_drop: float = Field(0.5, ge=0, description="in accuracy points (percent)")
+    device: str = Field(
+        "host",
+        description="the device (infra/devices.yaml) whose latency the search costs: figures the benchmark "
+        "measured there for an architecture are used; otherwise host: PyTorch eager here, RPC device: TVM on it",
+    )
 
 
 class DistillConfig(_Strict):
@@ -157,6 +162,25 @@ class BenchmarkConfig(_Strict):
     engines: list[Literal["pytorch", "tvm", "onnxruntime"]] = Field(
         default_factory=lambda: ["pytorch", "tvm", "onnxruntime"]
     )
+    remote_check_images: int = Field(
+        1000, gt=0, description="test images whose outputs are checked on an RPC device (all on this machine)"
+    )
+
+
+class TuningConfig(_Strict):
+    budget_s: float = Field(
+        120.0, ge=0, description="seconds to tune the TVM schedule per model and host target; 0: reuse the database only"
+    )
+    database: str | None = Field(
+        None, description="tuning database file; none: .shrinkflow/tuning/<device>.json (DVC-tracked, reused nightly)"
+    )
+
+
+class CompileConfig(_Strict):
+    pad_channels: bool = Field(
+        True, description="widen pruned channel counts to whole vector registers before TVM compiles (exact)"
+    )
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
 
 
 class PipelineConfig(_Strict):
@@ -170,6 +194,7 @@ class PipelineConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     targets: list[str] = Field(default_factory=lambda: ["host"])
+    compile: CompileConfig = Field(default_factory=CompileConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     schedule: str | None = Field(None, description="Airflow schedule, e.g. '@daily'; none: manual runs only")
     tags: list[str] = Field(default_factory=list)

@@ -31,3 +31,7 @@ class StageError(ShrinkflowError):
 
 class PipelineRunError(ShrinkflowError):
     """A task of a pipeline's DAG run failed."""
+
+
+class DeviceError(ShrinkflowError):
+    """A device (e.g. a TVM RPC server) cannot be reached or used."""

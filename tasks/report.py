@@ -110,4 +110,15 @@ def write_report(paths: RunPaths, dest: Path) -> None:
     header, rows = summary_rows(paths)
     text = [f"# shrinkflow run {paths.pipeline}/{paths.run_id}", "", goal_line(paths), "",
             search_line(paths) or "", "", render_markdown(header, rows), ""]
+    bench = paths.stage_dir("benchmark")
+    if (bench / "latency.txt").is_file():
+        lat = read_json(bench / "latency.json")
+        text += ["## Latency per target and engine", "",
+                 "Engines on this machine were timed interleaved in one process; an RPC device on the device "
+                 "itself. A target marked (emulated) ran under qemu: its figures are not that CPU's speed.", "",
+                 "```", (bench / "latency.txt").read_text().rstrip(), "```", ""]
+        for target, per in lat.get("best", {}).items():
+            text.append(f"- fastest engine for the compressed model on {target}: "
+                        + ", ".join(f"batch {b}: {v['engine']} ({v['median_ms']:.3f} ms)" for b, v in per.items()))
+        text.append("")
     dest.write_text("\n".join(text))

@@ -20,13 +20,17 @@ know, such as clip for ReLU6, get a transpose). On a MobileNet-style model, NHWC
 convolutions too beat keeping them NCHW (fewer transposes between layers).
 
 A PrimFunc the rule cannot schedule keeps its naive (correct, slow) loops, with a warning.
-Tuning (MetaSchedule) would beat this; it is not used here.
+The rule has a few knobs per kernel (`Knobs`: how many accumulators a register block keeps, how a
+long row is split); `default_knobs` suits the register file, and `tvm_tune` times the candidates of
+each kernel on this CPU and keeps the fastest in a tuning database. MetaSchedule, TVM's own tuner,
+crashes in 0.27.0.post1 (tvm::ffi::ToJSONGraph), so it is not used.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -35,11 +39,6 @@ log = logging.getLogger(__name__)
 MAX_VECTOR_EXTENT = 64
 # Largest unrolled register block: accumulators = block x vectors-per-row must fit the register file.
 MAX_REGISTER_BLOCK = 8
-# Accumulator vectors kept live by a register block (AVX-512 has 32 registers). A row split into
-# odd-sized vectors (below) measured 2-4x slower with 21 accumulators than with 16; whole-register
-# rows (16/32/64 channels) and rows split with a tail (a prime width) measured best with up to 32.
-MAX_ACCUMULATORS = 32
-MAX_ACCUMULATORS_SPLIT = 16
 # Channels last: the output channel becomes the contiguous axis that the schedule vectorizes.
 CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
@@ -70,8 +69,8 @@ def _register_block(
     spatial: list[Any],
     vec_ext: int,
     lanes: int,
-    row_vectors: int = 1,
-    accumulators: int = MAX_ACCUMULATORS,
+    row_vectors: int,
+    accumulators: int,
 ) -> tuple[int, int] | None:
     """(index into spatial, factor) of the loop to unroll so each vector-loaded input is re-used."""
     reads = [_vars_in(r) for r in sch.get(info.block_rv).reads]
@@ -90,11 +89,37 @@ def _register_block(
     return None
 
 
-def _schedule_func(func: Any, lanes: int) -> Any | None:
+@dataclass(frozen=True)
+class Knobs:
+    """One point of the schedule's tuning space, for one kernel.
+
+    accumulators: vector accumulators a register block may keep live (the register file bounds it:
+        16 on AVX2, 32 on AVX-512; spilling them costs more than the re-use gains).
+    row_split: how a vector row longer than one register (24, 56 channels) is covered: "outer" puts
+        the register-sized pieces in the outer (parallel) loops, so the block's accumulators are one
+        register each; "unroll" unrolls them inside the reduction, so each loaded input is re-used
+        by every piece (more re-use, more registers).
+    """
+
+    accumulators: int = 12
+    row_split: str = "outer"
+
+    def key(self) -> str:
+        return f"acc{self.accumulators}-{self.row_split}"
+
+
+def default_knobs(lanes: int) -> Knobs:
+    """Untuned knobs for a vector width: 3/4 of the register file as accumulators, rows split outside."""
+    registers = 32 if lanes >= 16 else 16  # AVX-512 has 32 vector registers; AVX2, NEON (128-bit) 16+
+    return Knobs(accumulators=registers * 3 // 4, row_split="outer")
+
+
+def _schedule_func(func: Any, lanes: int, knobs: Knobs | None = None) -> Any | None:
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 
+    knobs = knobs or default_knobs(lanes)
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None:
@@ -123,22 +148,28 @@ def _schedule_func(func: Any, lanes: int) -> Any | None:
                     outer.append(row_outer)
                 vec_loop, vec_ext = [row], inner
         vectorize = bool(vec_loop)
-        row_unrolled, row_vectors, accumulators = [], 1, MAX_ACCUMULATORS
-        if vectorize and vec_ext > lanes and not _is_pow2_multiple(vec_ext, lanes):
+        row_unrolled, row_vectors = [], 1
+        split_row = vectorize and vec_ext > lanes and (
+            reduction and knobs.row_split == "outer" or not _is_pow2_multiple(vec_ext, lanes)
+        )
+        if split_row:
             # LLVM turns a row that is not a power-of-two number of registers (24, 45 or 48 floats)
-            # into very slow code (10-20x): vectorize a divisor that fits one register and unroll
-            # the rest; a row with no such divisor (a prime) is split in registers with a tail.
+            # into very slow code (10-20x): vectorize a divisor that fits one register and cover
+            # the rest by an outer or unrolled loop; a row with no such divisor (a prime) is split
+            # in registers with a tail.
             width = max(k for k in range(1, lanes + 1) if vec_ext % k == 0)
             if width * 2 <= lanes:
                 width = lanes
-            else:
-                accumulators = MAX_ACCUMULATORS_SPLIT
             row_outer, vec_loop[0] = sch.split(vec_loop[0], factors=[None, width])
-            row_unrolled, row_vectors, vec_ext = [row_outer], math.ceil(vec_ext / width), width
+            if reduction and knobs.row_split == "outer":
+                outer.append(row_outer)
+            else:
+                row_unrolled, row_vectors = [row_outer], math.ceil(vec_ext / width)
+            vec_ext = width
         unrolled = []
         picked = None
         if reduction and vectorize:
-            picked = _register_block(sch, info, spatial, vec_ext, lanes, row_vectors, accumulators)
+            picked = _register_block(sch, info, spatial, vec_ext, lanes, row_vectors, knobs.accumulators)
         if picked is not None:
             i, factor = picked
             lo, li = sch.split(outer[i], factors=[None, factor])
@@ -179,14 +210,35 @@ def _place_epilogue(sch: Any, infos: list[Any], idx: int, par: Any, placed: set[
     placed.add(nxt.name)
 
 
-def cpu_schedule_pass(target: Any) -> Any:
-    """Module pass applying the rule above to every unscheduled PrimFunc; failures keep naive loops."""
+def vector_lanes(target: Any) -> int:
+    """float32 lanes of the target's widest usable vector register: 16 (AVX-512), 8 (AVX/AVX2), 4.
+
+    Read from the CPU features, not LLVM's vector width: LLVM 20 reports 512 bits for znver3, an
+    AVX2-only CPU, and 16-float vectors there cost 2 registers each (measured: 3-30x slower kernels).
+    """
+    from tvm.target.codegen import llvm_get_vector_width, target_has_features
+
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if not triple or triple.startswith(("x86_64", "i686", "i386")):
+        try:
+            if target_has_features("avx512f", target):
+                return 16
+            return 8 if target_has_features("avx", target) else 4  # SSE: 4 floats
+        except Exception:  # a target LLVM cannot query: fall back to LLVM's width
+            pass
+    bits = llvm_get_vector_width(target)
+    return max(4, min(16, (bits if bits > 0 else 128) // 32))
+
+
+def cpu_schedule_pass(target: Any, knobs: dict[str, Knobs] | None = None) -> Any:
+    """Module pass applying the rule above to every unscheduled PrimFunc; failures keep naive loops.
+
+    knobs: tuned knobs by kernel name (tvm_tune); a kernel not named gets default_knobs.
+    """
     import tvm
     from tvm import tirx
-    from tvm.target.codegen import llvm_get_vector_width
 
-    bits = llvm_get_vector_width(target)
-    lanes = max(4, (bits if bits > 0 else 128) // 32)
+    lanes = vector_lanes(target)
 
     @tvm.transform.module_pass(opt_level=0, name="ShrinkflowCPUSchedule")
     def _pass(mod: Any, _ctx: Any) -> Any:
@@ -195,7 +247,7 @@ def cpu_schedule_pass(target: Any) -> Any:
             if not isinstance(func, tirx.PrimFunc) or (func.attrs and "tirx.is_scheduled" in func.attrs):
                 continue
             try:
-                new = _schedule_func(func, lanes)
+                new = _schedule_func(func, lanes, (knobs or {}).get(gv.name_hint))
             except Exception as e:  # fall back to the correct, unscheduled loops
                 failed.append(f"{gv.name_hint}: {type(e).__name__}")
                 new = None
@@ -210,26 +262,35 @@ def cpu_schedule_pass(target: Any) -> Any:
     return _pass
 
 
-def cpu_pipeline(target: Any) -> Any:
+def prepare_passes(target: Any) -> list[Any]:
+    """The Relax passes before scheduling: library dispatch, BN folding, NHWC, legalize to PrimFuncs."""
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return (
+        cpu.library_dispatch_passes(target)
+        + [
+            # Batch norm becomes scale/shift that FuseOps folds into the conv's epilogue.
+            relax.transform.DecomposeOpsForInference(),
+            # Drops the (out, mean, var) tuple BN leaves behind, which would block fusing the ReLU.
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.ConvertLayout(CONV_LAYOUT),
+        ]
+        + cpu.legalize_passes(target)
+    )
+
+
+def cpu_pipeline(target: Any, knobs: dict[str, Knobs] | None = None) -> Any:
     """The Relax CPU pipeline (legalize, fold, fuse, lower) with NHWC convs and the schedule above."""
     import tvm
-    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="ShrinkflowCPUPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
-                + [
-                    # Batch norm becomes scale/shift that FuseOps folds into the conv's epilogue.
-                    relax.transform.DecomposeOpsForInference(),
-                    # Drops the (out, mean, var) tuple BN leaves behind, which would block fusing the ReLU.
-                    relax.transform.CanonicalizeBindings(),
-                    relax.transform.ConvertLayout(CONV_LAYOUT),
-                ]
-                + cpu.legalize_passes(target)
-                + [cpu_schedule_pass(target)]
+                prepare_passes(target)
+                + [cpu_schedule_pass(target, knobs)]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
             )

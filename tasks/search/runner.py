@@ -115,8 +115,8 @@ def prepare(cfg: PipelineConfig, paths: RunPaths, *, worker: int = 0, tracker: b
     if tracker:
         with st.claim_lock(url, f"{st.study_name(paths)}:mlflow"):  # one search run, however many workers start
             trials_tracker = tracking.TrialTracker(paths, tracking.stage_run_id(paths, "search"))
-    runner = TrialRunner(cfg, base, splits, space, LatencyCache(paths.root / "cache" / "latency-host.json"),
-                         tracker=trials_tracker, worker=worker)
+    latency = LatencyCache(paths.root / "cache" / f"latency-{cfg.goal.device}.json", cfg.goal.device)
+    runner = TrialRunner(cfg, base, splits, space, latency, tracker=trials_tracker, worker=worker)
     study = st.open_study(cfg.search, paths, runner.directions, worker)
     session = Session(cfg, paths, space, study, runner, url, sens)
     if cfg.search.n_trials:

@@ -33,10 +33,15 @@ def deployed_bytes(model: nn.Module) -> int:
 
 
 class LatencyCache:
-    """Measured eager batch-1 latency ratios per architecture (the pruned widths), kept on disk.
+    """Latency ratios (base / candidate, batch 1) per architecture and device, kept on disk.
 
     Plans that prune to the same widths cost the same: a search meets many of them, and a nightly run
-    meets last night's. Keyed by the target device and a hash of every layer's shape.
+    meets last night's. Keyed by the device and a hash of every layer's shape. Two kinds of entry:
+
+    * measured by the benchmark stage on the device, per engine (`record`; hardware in the loop):
+      the search uses the fastest engine's ratio, the engine the deployment would pick;
+    * measured here when the search meets a new architecture: PyTorch eager for the host, or the
+      TVM build run over RPC on a remote device (`measure`).
     """
 
     def __init__(self, path: Path, device: str = "host"):
@@ -48,16 +53,70 @@ class LatencyCache:
         shapes = [(n, tuple(p.shape)) for n, p in model.state_dict().items()]
         return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
 
-    def measure(self, base: nn.Module, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-        key = f"{self.device}:{self.signature(base)}:{self.signature(model)}"
-        if key not in self.data:
+    def _save(self) -> None:
+        try:  # a cache: losing a write to a concurrent worker only costs a re-measurement
+            write_json(self.path, self.data)
+        except OSError:
+            pass
+
+    def record(self, base: nn.Module, model: nn.Module, engine: str, base_ms: float, ms: float,
+               *, emulated: bool = False) -> None:
+        """Store a ratio measured on the device by `engine` (the benchmark stage calls this)."""
+        key = f"{self.device}:{engine}:{self.signature(base)}:{self.signature(model)}"
+        self.data[key] = {"latency_reduction": base_ms / ms, "latency_ms": ms, "base_latency_ms": base_ms,
+                          "engine": engine, "emulated": emulated, "source": "benchmark"}
+        self._save()
+
+    def measure(self, base: nn.Module, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+        """The candidate's latency ratio on this cache's device (cached, benchmarked or measured now)."""
+        sigs = f"{self.signature(base)}:{self.signature(model)}"
+        benched = [v for k, v in self.data.items()
+                   if k.startswith(f"{self.device}:") and k.endswith(sigs) and v.get("source") == "benchmark"]
+        if benched:
+            best = min(benched, key=lambda v: v["latency_ms"])
+            return {**_numbers(best), "latency_cached": 1.0, "latency_on_device": 1.0}
+        key = f"{self.device}:{sigs}"
+        cached = key in self.data
+        if not cached:
+            self.data[key] = self._measure_now(base, model, x)
+            self._save()
+        return {**_numbers(self.data[key]), "latency_cached": float(cached),
+                "latency_on_device": float(self.device != "host")}
+
+    def _measure_now(self, base: nn.Module, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+        from tasks.devices import get_device
+
+        device = get_device(self.device)
+        if device.rpc is None:
             ratio, ms_base, ms = latency_reduction(base, model, x, repeat=60, warmup=5)
-            self.data[key] = {"latency_reduction": ratio, "latency_ms": ms, "base_latency_ms": ms_base}
-            try:  # a cache: losing a write to a concurrent worker only costs a re-measurement
-                write_json(self.path, self.data)
-            except OSError:
-                pass
-        return dict(self.data[key], latency_cached=1.0)
+            return {"latency_reduction": ratio, "latency_ms": ms, "base_latency_ms": ms_base, "engine": "pytorch"}
+        ms_base, ms, emulated = tvm_latency_on_device(device, base, model, x)
+        return {"latency_reduction": ms_base / ms, "latency_ms": ms, "base_latency_ms": ms_base,
+                "engine": "tvm", "emulated": bool(emulated)}
+
+
+def _numbers(entry: dict[str, Any]) -> dict[str, float]:
+    return {k: float(entry[k]) for k in ("latency_reduction", "latency_ms", "base_latency_ms")}
+
+
+def tvm_latency_on_device(device: Any, base: nn.Module, model: nn.Module, x: torch.Tensor) -> tuple[float, float, Any]:
+    """Batch-1 latency in ms of base and model compiled with TVM for `device` and timed on it over RPC."""
+    import tempfile
+
+    from tasks.engines.tvm_build import build_tvm
+    from tasks.engines.tvm_rpc import RemoteTVMRunner, connect
+
+    connect(device.rpc)  # a device that is down fails here, before two builds
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-hil-") as tmp:
+        ms, emulated = [], None
+        for i, m in enumerate((base, model)):
+            out = Path(tmp) / str(i)
+            build_tvm(m, x, device.tvm_target(), out, batch_sizes=(1,), cross_compiler=device.cross_compiler)
+            with RemoteTVMRunner.for_device(out, device) as r:
+                st = r.time(x[:1].numpy(), number=10, repeat=5, warmup=2)
+            ms.append(st["median_ms"])
+            emulated = st.get("emulated")
+    return ms[0], ms[1], emulated
 
 
 @dataclass

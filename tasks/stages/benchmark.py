@@ -1,7 +1,15 @@
-"""Stage 6: base vs compressed on every engine, side by side in one process, same thread count.
+"""Stage 6: base vs compressed on every engine and target device, side by side.
 
 Each compiled artifact is first checked against PyTorch (max |diff| of logits, top-1 agreement and
-accuracy on the test split), then all engines are timed interleaved at each batch size.
+accuracy on the test split; on an RPC device, on the first `remote_check_images` test images), then
+timed at each batch size: engines on this machine interleaved in one process with the same thread
+count; a device behind TVM RPC with TVM's time_evaluator on the device (figures from the emulated
+ARM device are flagged `emulated` and are qemu's speed, not an ARM CPU's).
+
+The result is a table per target and engine (median and p90 at every batch size, the output check,
+the artifact's size), the fastest engine per target for the compressed model (`best`), and the
+device-measured latency ratios, written back to the latency cache the search reads
+(hardware-in-the-loop: the next search on the same architectures uses these figures).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.devices import get_device
+from tasks.devices import Device, get_device
 from tasks.engines.onnx_runtime import load_onnx
 from tasks.engines.pytorch_eager import TorchRunner
 from tasks.engines.timing import set_threads, time_interleaved
@@ -40,42 +48,107 @@ def _runners(ctx: StageContext, threads: int) -> dict[tuple[str, str, str], Any]
                 out[(which, "onnxruntime_int8", "host")] = load_onnx(int8, threads)
         if "tvm" in engines:
             for name in ctx.cfg.targets:
-                if get_device(name).rpc is None:  # remote devices are measured over RPC (issue 5)
+                if get_device(name).rpc is None:  # remote devices: _remote_rows
                     out[(which, "tvm", name)] = load_tvm(compiled / which / name)
     return out
 
 
-def _check(runners: dict, x_test: np.ndarray, y_test: np.ndarray, batch: int) -> list[dict[str, Any]]:
-    """Accuracy of every runner on the test split, and agreement with PyTorch on the same model."""
+def _remote_devices(ctx: StageContext) -> list[Device]:
+    if "tvm" not in ctx.cfg.benchmark.engines:
+        return []
+    return [d for d in (get_device(n) for n in ctx.cfg.targets) if d.rpc is not None]
+
+
+def _remote(ctx: StageContext, device: Device, x_test: np.ndarray, y_test: np.ndarray,
+            ref: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Check and time base and compressed on a device over TVM RPC: (check rows, latency rows)."""
+    from tasks.engines.tvm_rpc import RemoteTVMRunner
+
+    bc = ctx.cfg.benchmark
+    compiled = ctx.paths.stage_dir("compile")
+    n = min(len(x_test), bc.remote_check_images)
+    checks, rows = [], []
+    for which in MODELS:
+        say(f"{which} on device {device.name!r} over TVM RPC ({device.rpc.host}:{device.rpc.port}) ...")
+        with RemoteTVMRunner.for_device(compiled / which / device.name, device) as r:
+            batch = max(bc.batch_sizes)
+            lg = np.concatenate([r.run(x_test[i : i + batch]) for i in range(0, n, batch)])
+            checks.append(_check_row(which, "tvm", device.name, lg, y_test[:n], ref[which][:n]))
+            for b in bc.batch_sizes:
+                st = r.time(np.ascontiguousarray(x_test[:b]), number=max(1, bc.repeat // 10), repeat=10,
+                            warmup=min(bc.warmup, 3))
+                rows.append({"model": which, "engine": "tvm", "target": device.name, "batch": b,
+                             **{k: st[k] for k in ("median_ms", "p90_ms", "mean_ms", "min_ms")},
+                             "emulated": st.get("emulated")})
+    return checks, rows
+
+
+def _check_row(which: str, engine: str, target: str, lg: np.ndarray, y: np.ndarray,
+               ref: np.ndarray | None) -> dict[str, Any]:
+    return {
+        "model": which,
+        "engine": engine,
+        "target": target,
+        "images": int(len(lg)),
+        "test_accuracy": float(100.0 * (lg.argmax(1) == y[: len(lg)]).mean()),
+        "max_abs_diff_vs_pytorch": float(np.abs(lg - ref[: len(lg)]).max()) if ref is not None else None,
+        "top1_agreement_vs_pytorch": float((lg.argmax(1) == ref[: len(lg)].argmax(1)).mean()) if ref is not None else None,
+    }
+
+
+def _check(runners: dict, x_test: np.ndarray, y_test: np.ndarray, batch: int,
+           ref: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Accuracy of every runner on the test split, and agreement with PyTorch on the same model.
+
+    int8 is compared with float PyTorch: the agreement shows what quantization changed.
+    """
     rows = []
-    logits: dict[tuple[str, str, str], np.ndarray] = {}
-    for key, r in runners.items():
-        parts = [r.run(x_test[i : i + batch]) for i in range(0, len(x_test) - batch + 1, batch)]
-        logits[key] = np.concatenate(parts)
-    n = len(next(iter(logits.values())))
-    for (which, engine, target), lg in logits.items():
-        # int8 is compared with float PyTorch: the agreement shows what quantization changed
-        ref = logits.get((which, "pytorch", "host"))
-        rows.append({
-            "model": which,
-            "engine": engine,
-            "target": target,
-            "test_accuracy": float(100.0 * (lg.argmax(1) == y_test[:n]).mean()),
-            "max_abs_diff_vs_pytorch": float(np.abs(lg - ref).max()) if ref is not None else None,
-            "top1_agreement_vs_pytorch": float((lg.argmax(1) == ref.argmax(1)).mean()) if ref is not None else None,
-        })
+    for (which, engine, target), r in runners.items():
+        lg = np.concatenate([r.run(x_test[i : i + batch]) for i in range(0, len(x_test), batch)])
+        rows.append(_check_row(which, engine, target, lg, y_test, ref.get(which)))
     return rows
+
+
+def _sizes(ctx: StageContext) -> dict[tuple[str, str, str], int]:
+    """Bytes of each deployable artifact by (model, engine, target)."""
+    compiled = ctx.paths.stage_dir("compile")
+    sizes: dict[tuple[str, str, str], int] = {}
+    for which in MODELS:
+        for name in ctx.cfg.targets:
+            lib = compiled / which / name / "model.so"
+            if lib.is_file():
+                sizes[(which, "tvm", name)] = lib.stat().st_size
+        for engine, file in (("onnxruntime", "model.onnx"), ("onnxruntime_int8", "model.int8.onnx")):
+            if (compiled / which / file).is_file():
+                sizes[(which, engine, "host")] = (compiled / which / file).stat().st_size
+    return sizes
+
+
+def _best(rows: list[dict[str, Any]], batch_sizes: list[int]) -> dict[str, dict[str, Any]]:
+    """The fastest engine for the compressed model per target and batch size."""
+    best: dict[str, dict[str, Any]] = {}
+    for target in sorted({r["target"] for r in rows}):
+        best[target] = {}
+        for b in batch_sizes:
+            mine = [r for r in rows if r["model"] == "compressed" and r["target"] == target and r["batch"] == b]
+            if mine:
+                r = min(mine, key=lambda r: r["median_ms"])
+                best[target][str(b)] = {"engine": r["engine"], "median_ms": r["median_ms"]}
+    return best
 
 
 def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     bc = ctx.cfg.benchmark
     sp = ctx.splits()
-    x_test = sp.tensors["test"][0].numpy()
+    x_test = np.ascontiguousarray(sp.tensors["test"][0].numpy())
     y_test = sp.tensors["test"][1].numpy()
+    models = {"base": ctx.model("train_base")[0], "compressed": ctx.model("finetune")[0]}
+    check_batch = max(bc.batch_sizes)
+    ref = {w: np.concatenate([TorchRunner(m).run(x_test[i : i + check_batch]) for i in range(0, len(x_test), check_batch)])
+           for w, m in models.items()}
     with set_threads(bc.threads):
         runners = _runners(ctx, bc.threads)
-        check_batch = max(bc.batch_sizes)
-        checks = _check(runners, x_test, y_test, check_batch)
+        checks = _check(runners, x_test, y_test, check_batch, ref)
         rows = []
         for batch in bc.batch_sizes:
             x = np.ascontiguousarray(x_test[:batch])
@@ -83,7 +156,15 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
             stats = time_interleaved({"|".join(k): f for k, f in fns.items()}, bc.warmup, bc.repeat)
             for key_s, st in stats.items():
                 which, engine, target = key_s.split("|")
-                rows.append({"model": which, "engine": engine, "target": target, "batch": batch, **st})
+                rows.append({"model": which, "engine": engine, "target": target, "batch": batch, **st,
+                             "emulated": False})
+    for device in _remote_devices(ctx):
+        c, r = _remote(ctx, device, x_test, y_test, ref)
+        checks += c
+        rows += r
+    sizes = _sizes(ctx)
+    for r in rows:
+        r["artifact_bytes"] = sizes.get((r["model"], r["engine"], r["target"]))
     pairs = []
     for c in rows:
         if c["model"] != "compressed":
@@ -96,18 +177,25 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
             "engine": c["engine"], "target": c["target"], "batch": c["batch"],
             "base_ms": r["median_ms"], "compressed_ms": c["median_ms"],
             "base_p90_ms": r["p90_ms"], "compressed_p90_ms": c["p90_ms"],
-            "speedup": r["median_ms"] / c["median_ms"],
+            "speedup": r["median_ms"] / c["median_ms"], "emulated": c.get("emulated"),
         })
+    best = _best(rows, bc.batch_sizes)
+    eager = {r["batch"]: r["median_ms"] for r in rows
+             if (r["model"], r["engine"], r["target"]) == ("base", "pytorch", "host")}
+    vs_eager = {t: {b: eager[int(b)] / v["median_ms"] for b, v in per.items() if int(b) in eager}
+                for t, per in best.items() if t == "host" or not any(r.get("emulated") for r in rows if r["target"] == t)}
     result = {"threads": bc.threads, "warmup": bc.warmup, "repeat": bc.repeat,
-              "rows": rows, "pairs": pairs, "checks": checks}
+              "rows": rows, "pairs": pairs, "checks": checks, "best": best,
+              "best_vs_base_eager": vs_eager}
     write_json(out / "latency.json", result)
-    table = render_table(
-        ["model", "engine", "target", "batch", "median ms", "p90 ms"],
-        [[r["model"], r["engine"], r["target"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}"]
-         for r in rows],
-    )
+    table = latency_table(result)
     (out / "latency.txt").write_text(table + "\n")
-    say(f"latency (same process, interleaved, {bc.threads} threads):\n{table}")
+    say(f"latency per target and engine (local engines interleaved in one process, {bc.threads} threads):\n{table}")
+    for t, per in best.items():
+        say(f"fastest engine for the compressed model on {t}: "
+            + ", ".join(f"b{b} {v['engine']} {v['median_ms']:.3f} ms" for b, v in per.items())
+            + (f"; {vs_eager[t].get('1', vs_eager[t].get(1, 0)):.2f}x faster than the base in PyTorch eager at b1"
+               if vs_eager.get(t) and ("1" in vs_eager[t] or 1 in vs_eager[t]) else ""))
     for r in rows:
         ctx.tracker.metrics({f"{r['model']}.{r['engine']}.{r['target']}.b{r['batch']}.median_ms": r["median_ms"],
                              f"{r['model']}.{r['engine']}.{r['target']}.b{r['batch']}.p90_ms": r["p90_ms"]})
@@ -116,7 +204,57 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         ctx.tracker.metrics({f"{prefix}.test_accuracy": c["test_accuracy"],
                              **({f"{prefix}.max_abs_diff": c["max_abs_diff_vs_pytorch"]}
                                 if c["max_abs_diff_vs_pytorch"] is not None else {})})
+    ctx.tracker.params({f"best_engine.{t}.b{b}": v["engine"] for t, per in best.items() for b, v in per.items()})
     ctx.tracker.artifact(out / "latency.json")
-    worst = max((c["max_abs_diff_vs_pytorch"] or 0.0) for c in checks)
+    ctx.tracker.artifact(out / "latency.txt")
+    feed_back(ctx, rows, models)
+    worst = max((c["max_abs_diff_vs_pytorch"] or 0.0) for c in checks if not c["engine"].endswith("_int8"))
     return {"pairs": len(pairs), "max_abs_diff": worst,
-            "min_top1_agreement": min((c["top1_agreement_vs_pytorch"] or 1.0) for c in checks)}
+            "min_top1_agreement": min((c["top1_agreement_vs_pytorch"] or 1.0) for c in checks),
+            "best": best}
+
+
+def latency_table(result: dict[str, Any]) -> str:
+    """One line per model, target and engine: median and p90 per batch size, output check, size."""
+    rows, checks = result["rows"], result["checks"]
+    batches = sorted({r["batch"] for r in rows})
+    header = ["model", "target", "engine"]
+    for b in batches:
+        header += [f"b{b} median ms", f"b{b} p90 ms"]
+    header += ["top-1 vs torch", "max |diff|", "test acc %", "artifact kB"]
+    lines = []
+    keys = sorted({(r["model"], r["target"], r["engine"]) for r in rows}, key=lambda k: (k[1] != "host", k))
+    for which, target, engine in keys:
+        line = [which, target + (" (emulated)" if any(r.get("emulated") for r in rows if r["target"] == target) else ""),
+                engine]
+        size = None
+        for b in batches:
+            r = next((r for r in rows if (r["model"], r["target"], r["engine"], r["batch"]) == (which, target, engine, b)), None)
+            line += [f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}"] if r else ["-", "-"]
+            size = size or (r or {}).get("artifact_bytes")
+        c = next((c for c in checks if (c["model"], c["target"], c["engine"]) == (which, target, engine)), None)
+        agree = c and c["top1_agreement_vs_pytorch"]
+        diff = c and c["max_abs_diff_vs_pytorch"]
+        line += [f"{100 * agree:.2f}%" if agree is not None and c else "-",
+                 f"{diff:.1e}" if diff is not None and c else "-",
+                 f"{c['test_accuracy']:.2f}" if c else "-",
+                 f"{size / 1e3:.1f}" if size else "-"]
+        lines.append(line)
+    return render_table(header, lines)
+
+
+def feed_back(ctx: StageContext, rows: list[dict[str, Any]], models: dict[str, Any]) -> None:
+    """Write the measured base/compressed latency ratios into the latency cache the search reads."""
+    from tasks.search.trial import LatencyCache
+
+    for target in sorted({r["target"] for r in rows}):
+        for engine in sorted({r["engine"] for r in rows if r["target"] == target}):
+            b1 = {r["model"]: r for r in rows if (r["target"], r["engine"], r["batch"]) == (target, engine, 1)}
+            base_engine = engine.removesuffix("_int8")
+            base = next((r for r in rows if (r["model"], r["target"], r["engine"], r["batch"])
+                         == ("base", target, base_engine, 1)), None)
+            if "compressed" not in b1 or base is None:
+                continue
+            LatencyCache(ctx.paths.root / "cache" / f"latency-{target}.json", target).record(
+                models["base"], models["compressed"], engine, base["median_ms"], b1["compressed"]["median_ms"],
+                emulated=bool(b1["compressed"].get("emulated")))

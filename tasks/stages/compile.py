@@ -34,9 +34,24 @@ def _int8(ctx: StageContext, out: Path) -> dict[str, Any] | None:
     return meta
 
 
+def tuning_db(ctx: StageContext, device: str) -> Path:
+    """The device's tuning database: compile.tuning.database, or .shrinkflow/tuning/<device>.json."""
+    db = ctx.cfg.compile.tuning.database
+    return Path(db.replace("{device}", device)) if db else ctx.paths.root / "tuning" / f"{device}.json"
+
+
+def _tuning_line(meta: dict[str, Any]) -> str:
+    t = meta.get("tuning")
+    if not t:
+        return "default schedule"
+    return (f"tuned {t['tuned']} kernels in {t['seconds']:.0f} s, {t['from_db']} from the database"
+            + (f", {t['left_default']} left at defaults (budget spent)" if t["left_default"] else ""))
+
+
 def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     models = {"base": ctx.model("train_base")[0], "compressed": ctx.model("finetune")[0]}
     example = ctx.example(1)
+    cc = ctx.cfg.compile
     summary: dict[str, Any] = {}
     for which, model in models.items():
         entry: dict[str, Any] = {"targets": {}}
@@ -44,13 +59,22 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
             device = get_device(name)
             meta = build_tvm(model, example, device.tvm_target(), out / which / name,
                              batch_sizes=tuple(ctx.cfg.benchmark.batch_sizes),
-                             cross_compiler=device.cross_compiler)
+                             cross_compiler=device.cross_compiler,
+                             pad_channels=cc.pad_channels,
+                             tuning_db=tuning_db(ctx, name),
+                             tuning_budget_s=cc.tuning.budget_s)
             entry["targets"][name] = meta
+            padded = meta["channel_padding"]
+            grown = ", ".join(f"{g['from']}->{g['to']}" for g in padded.get("groups", []))
+            widths = f", channels padded to multiples of {padded['multiple']} ({grown})" if padded.get("padded") else ""
             if meta["max_abs_diff"] is None:  # cross-compiled: checked on the device by the benchmark
-                say(f"TVM {which} for {name}: built (cross-compiled, not run here)")
+                say(f"TVM {which} for {name}: built (cross-compiled, not run here; {_tuning_line(meta)}{widths})")
                 continue
-            say(f"TVM {which} for {name}: max |diff| vs PyTorch {meta['max_abs_diff']:.2e}")
+            say(f"TVM {which} for {name}: max |diff| vs PyTorch {meta['max_abs_diff']:.2e}; "
+                f"{_tuning_line(meta)}{widths}")
             ctx.tracker.metrics({f"{which}.{name}.tvm_max_abs_diff": meta["max_abs_diff"]})
+            if meta.get("tuning"):
+                ctx.tracker.metrics({f"{which}.{name}.tvm_tuning_seconds": meta["tuning"]["seconds"]})
         onnx_meta = export_onnx(model, example, out / which / "model.onnx")
         entry["onnx"] = onnx_meta
         ctx.tracker.metrics({f"{which}.onnx_max_abs_diff": onnx_meta["max_abs_diff"]})
@@ -61,7 +85,12 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         ctx.tracker.metrics({"compressed.onnx_int8_top1_agreement": int8["top1_agreement"]})
     write_json(out / "compile.json", summary)
     ctx.tracker.artifact(out / "compile.json")
-    ctx.tracker.params({"targets": ",".join(ctx.cfg.targets)})
+    ctx.tracker.params({"targets": ",".join(ctx.cfg.targets), "tvm_tuning_budget_s": cc.tuning.budget_s,
+                        "tvm_pad_channels": cc.pad_channels})
+    for name in ctx.cfg.targets:
+        db = tuning_db(ctx, name)
+        if db.is_file():
+            ctx.tracker.artifact(db, "tuning")
     return {
         "targets": list(ctx.cfg.targets),
         "max_abs_diff": max(
