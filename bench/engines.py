@@ -10,6 +10,9 @@ Models: the base and the fine-tuned model of a pipeline run (the newest fashion_
 default); without one, a ResNet-8 trained here for a short while and pruned (latency does not depend
 on the weights; int8 agreement and accuracy do, so they are reported for whatever model was used).
 
+ONNX Runtime: `onnxruntime` and `onnxruntime_int8` are exported as the compile stage does (channels
+padded to the vector width; int8 QDQ with the first conv in fp32); `onnxruntime_unpadded` is the
+fp32 export of the pruned widths as they are.
 TVM variants:
   tvm_unpadded  the schedule with default knobs on the pruned widths as they are (11, 22, 45 channels)
   tvm_untuned   channels padded to whole vector registers, default knobs
@@ -75,12 +78,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "engines.json")
     args = ap.parse_args()
 
+    import tvm
+
     from tasks.devices import get_device
     from tasks.engines.onnx_int8 import quantize_onnx_int8
     from tasks.engines.onnx_runtime import export_onnx, load_onnx
+    from tasks.engines.pad_channels import pad_channels
     from tasks.engines.pytorch_eager import TorchRunner
     from tasks.engines.timing import time_interleaved
     from tasks.engines.tvm_build import build_tvm, load_tvm
+    from tasks.engines.tvm_schedule import vector_lanes
     from tasks.workspace import write_json
 
     splits = fashion_splits()
@@ -105,13 +112,17 @@ def main() -> None:
                 tuning[which] = meta["tuning"]
             runners[(which, name)] = load_tvm(tmp / which / name)
             say(f"{which} {name}: built in {build_s[f'{which}.{name}']:.1f} s")
-        export_onnx(model, example, tmp / which / "model.onnx")
+        # as the compile stage does: ONNX exported with channels padded to the vector width
+        padded, _ = pad_channels(model, example, vector_lanes(tvm.target.Target(target)))
+        export_onnx(model, example, tmp / which / "unpadded.onnx")
+        runners[(which, "onnxruntime_unpadded")] = load_onnx(tmp / which / "unpadded.onnx", THREADS)
+        export_onnx(padded, example, tmp / which / "model.onnx")
         runners[(which, "onnxruntime")] = load_onnx(tmp / which / "model.onnx", THREADS)
         calib = splits.tensors["train"][0][:512].numpy()
         int8_meta = quantize_onnx_int8(tmp / which / "model.onnx", tmp / which / "model.int8.onnx", calib,
                                        method="percentile")
         runners[(which, "onnxruntime_int8")] = load_onnx(tmp / which / "model.int8.onnx", THREADS)
-        say(f"{which} int8: kernels {int8_meta.get('int8_kernel_ops')}")
+        say(f"{which} int8: kernels {int8_meta.get('int8_ops')}, float nodes {int8_meta.get('float_nodes')}")
 
     checks = {}
     ref = {}

@@ -76,6 +76,21 @@ def test_compiled_artifacts_agree_with_pytorch(e2e_run):
     assert ("compressed", "onnxruntime_int8") in engines
     assert {p["batch"] for p in lat["pairs"]} == {1, 32}
     assert all(p["base_ms"] > 0 and p["compressed_ms"] > 0 for p in lat["pairs"])
+    # the fastest engine per target and batch is picked, and the package says which file to deploy
+    run = ws / "runs/digits_tiny/e2e"
+    assert set(lat["best"]["host"]) == {"1", "32"}
+    for b, v in lat["best"]["host"].items():
+        fastest = min((r for r in lat["rows"] if r["model"] == "compressed" and r["batch"] == int(b)),
+                      key=lambda r: r["median_ms"])
+        assert v["engine"] == fastest["engine"]
+    deploy = json.loads((run / "register/model/deploy.json").read_text())
+    assert all((run / "register/model" / v["artifact"]).is_file() for v in deploy["host"].values())
+    table = (run / "benchmark/latency.txt").read_text()
+    assert "b32 p90 ms" in table and "artifact kB" in table
+    assert "## Latency per target and engine" in (run / "register/report.md").read_text()
+    compiled = json.loads((run / "compile/compile.json").read_text())
+    host = compiled["compressed"]["targets"]["host"]
+    assert host["tuning"]["kernels"] > 0 and host["vector_lanes"] in (4, 8, 16)
 
 
 def test_mlflow_parent_and_nested_stage_runs(e2e_run):

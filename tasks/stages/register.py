@@ -11,7 +11,7 @@ from tasks.progress import say
 from tasks.report import write_report
 from tasks.stages.context import StageContext
 from tasks.tracking import finish_parent
-from tasks.workspace import write_json
+from tasks.workspace import read_json, write_json
 
 
 def registered_name(pipeline: str) -> str:
@@ -37,6 +37,20 @@ def gate(new: dict[str, Any], champion_tags: dict[str, str] | None) -> tuple[str
     return "challenger", f"test accuracy {new['test_accuracy']:.2f}% < champion's {old:.2f}%"
 
 
+ARTIFACTS = {"tvm": "compiled/{target}/model.so", "onnxruntime": "compiled/model.onnx",
+             "onnxruntime_int8": "compiled/model.int8.onnx", "pytorch": "model.pt"}
+
+
+def deployment(ctx: StageContext) -> dict[str, dict[str, Any]]:
+    """The engine to deploy per target and batch size: the fastest the benchmark measured, and its file."""
+    bench = ctx.paths.stage_dir("benchmark") / "latency.json"
+    if not bench.is_file():
+        return {}
+    best = read_json(bench).get("best", {})
+    return {target: {b: {**v, "artifact": ARTIFACTS.get(v["engine"], "").format(target=target)}
+                     for b, v in per.items()} for target, per in best.items()}
+
+
 def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     fin = ctx.metrics("finetune")
     # The package a device team downloads: checkpoint, ONNX, TVM libraries, their metadata.
@@ -47,6 +61,11 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     if compiled.is_dir():
         shutil.copytree(compiled / "compressed", pkg / "compiled", dirs_exist_ok=True)
     write_json(pkg / "metrics.json", fin)
+    deploy = deployment(ctx)
+    if deploy:
+        write_json(pkg / "deploy.json", deploy)
+        for target, per in deploy.items():
+            say(f"deploy on {target}: " + ", ".join(f"batch {b}: {v['engine']} ({v['artifact']})" for b, v in per.items()))
     write_report(ctx.paths, out / "report.md")
     tr = ctx.tracker
     tr.artifact(pkg, "model", on_parent=True)
