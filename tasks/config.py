@@ -162,8 +162,10 @@ class BenchmarkConfig(_Strict):
     engines: list[Literal["pytorch", "tvm", "onnxruntime"]] = Field(
         default_factory=lambda: ["pytorch", "tvm", "onnxruntime"]
     )
+    remote_repeat: int = Field(10, gt=0, description="timing samples on an RPC device (its p90 is over these)")
+    remote_number: int = Field(3, gt=0, description="calls averaged per timing sample on an RPC device")
     remote_check_images: int = Field(
-        1000, gt=0, description="test images whose outputs are checked on an RPC device (all on this machine)"
+        1000, gt=0, description="test images checked on an RPC device and in an FPGA C simulation (all on this machine)"
     )
 
 

@@ -43,6 +43,15 @@ class Device(_Strict):
         return v
 
     @property
+    def is_fpga(self) -> bool:
+        """True for an HLS target ({kind: hls, ...}): an hls4ml project and its C simulation, not TVM."""
+        return self.target.get("kind") == "hls"
+
+    def hls_options(self) -> dict[str, Any]:
+        """build_hls keyword arguments from the target dict (backend, part, io_type, clock_period_ns...)."""
+        return {k: v for k, v in self.target.items() if k != "kind"}
+
+    @property
     def is_local(self) -> bool:
         """True when the device is this machine (no RPC)."""
         return self.rpc is None

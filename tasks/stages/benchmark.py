@@ -26,6 +26,7 @@ from tasks.engines.timing import set_threads, time_interleaved
 from tasks.engines.tvm_build import load_tvm
 from tasks.progress import say
 from tasks.report import render_table
+from tasks.stages.compile import deployed_model, estimate_line
 from tasks.stages.context import StageContext
 from tasks.workspace import write_json
 
@@ -48,7 +49,8 @@ def _runners(ctx: StageContext, threads: int) -> dict[tuple[str, str, str], Any]
                 out[(which, "onnxruntime_int8", "host")] = load_onnx(int8, threads)
         if "tvm" in engines:
             for name in ctx.cfg.targets:
-                if get_device(name).rpc is None:  # remote devices: _remote_rows
+                device = get_device(name)
+                if device.rpc is None and not device.is_fpga:  # RPC devices: _remote; FPGA: _fpga
                     out[(which, "tvm", name)] = load_tvm(compiled / which / name)
     return out
 
@@ -56,7 +58,22 @@ def _runners(ctx: StageContext, threads: int) -> dict[tuple[str, str, str], Any]
 def _remote_devices(ctx: StageContext) -> list[Device]:
     if "tvm" not in ctx.cfg.benchmark.engines:
         return []
-    return [d for d in (get_device(n) for n in ctx.cfg.targets) if d.rpc is not None]
+    return [d for d in (get_device(n) for n in ctx.cfg.targets) if d.rpc is not None and not d.is_fpga]
+
+
+def _fpga(ctx: StageContext, device: Device, x_test: np.ndarray, y_test: np.ndarray,
+          ref: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The FPGA C simulation against the quantized PyTorch model on the test split, and its estimate."""
+    from tasks.engines.fpga_hls import agreement, estimate_resources, load_hls
+
+    d = ctx.paths.stage_dir("compile") / "compressed" / device.name
+    n = min(len(x_test), ctx.cfg.benchmark.remote_check_images)  # the C simulation is slow (ms per image)
+    say(f"FPGA {device.name}: bit-accurate C simulation on {n} test images ...")
+    a = agreement(load_hls(d), ref[:n], x_test[:n], y_test[:n])
+    check = {"model": "compressed", "engine": "hls_csim", "target": device.name, "images": a["n"],
+             "test_accuracy": a["accuracy"], "max_abs_diff_vs_pytorch": a["max_abs_diff_logits"],
+             "top1_agreement_vs_pytorch": a["top1_agreement"], "seconds_per_image": a["seconds_per_image"]}
+    return check, estimate_resources(d)
 
 
 def _remote(ctx: StageContext, device: Device, x_test: np.ndarray, y_test: np.ndarray,
@@ -72,11 +89,12 @@ def _remote(ctx: StageContext, device: Device, x_test: np.ndarray, y_test: np.nd
         say(f"{which} on device {device.name!r} over TVM RPC ({device.rpc.host}:{device.rpc.port}) ...")
         with RemoteTVMRunner.for_device(compiled / which / device.name, device) as r:
             batch = max(bc.batch_sizes)
-            lg = np.concatenate([r.run(x_test[i : i + batch]) for i in range(0, n, batch)])
+            lg = np.concatenate([r.run(x_test[i : min(i + batch, n)]) for i in range(0, n, batch)])
             checks.append(_check_row(which, "tvm", device.name, lg, y_test[:n], ref[which][:n]))
             for b in bc.batch_sizes:
-                st = r.time(np.ascontiguousarray(x_test[:b]), number=max(1, bc.repeat // 10), repeat=10,
-                            warmup=min(bc.warmup, 3))
+                # repeat samples of `number` calls each, timed on the device (emulated: ~1 s a call)
+                st = r.time(np.ascontiguousarray(x_test[:b]), number=bc.remote_number, repeat=bc.remote_repeat,
+                            warmup=min(bc.warmup, 2))
                 rows.append({"model": which, "engine": "tvm", "target": device.name, "batch": b,
                              **{k: st[k] for k in ("median_ms", "p90_ms", "mean_ms", "min_ms")},
                              "emulated": st.get("emulated")})
@@ -162,6 +180,17 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         c, r = _remote(ctx, device, x_test, y_test, ref)
         checks += c
         rows += r
+    fpga = {}
+    fpga_devices = [d for d in (get_device(n) for n in ctx.cfg.targets) if d.is_fpga]
+    if fpga_devices:  # the FPGA implements the quantized model: that is its reference
+        quantized = TorchRunner(deployed_model(ctx, models["compressed"]))
+        q_ref = np.concatenate([quantized.run(x_test[i : i + check_batch]) for i in range(0, len(x_test), check_batch)])
+    for device in fpga_devices:
+        c, fpga[device.name] = _fpga(ctx, device, x_test, y_test, q_ref)
+        checks.append(c)
+        say(f"FPGA {device.name}: C simulation top-1 agreement with the quantized PyTorch model "
+            f"{100 * c['top1_agreement_vs_pytorch']:.2f}% on {c['images']} test images; estimated "
+            f"{estimate_line(fpga[device.name])} (analytic, not synthesis)")
     sizes = _sizes(ctx)
     for r in rows:
         r["artifact_bytes"] = sizes.get((r["model"], r["engine"], r["target"]))
@@ -186,9 +215,15 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
                 for t, per in best.items() if t == "host" or not any(r.get("emulated") for r in rows if r["target"] == t)}
     result = {"threads": bc.threads, "warmup": bc.warmup, "repeat": bc.repeat,
               "rows": rows, "pairs": pairs, "checks": checks, "best": best,
-              "best_vs_base_eager": vs_eager}
+              "best_vs_base_eager": vs_eager, "fpga_estimates": fpga}
     write_json(out / "latency.json", result)
     table = latency_table(result)
+    for name, est in fpga.items():
+        c = next(c for c in checks if c["target"] == name)
+        table += (f"\n\nFPGA {name} (hls4ml C simulation, bit-accurate): top-1 agreement with the quantized PyTorch "
+                  f"model {100 * c['top1_agreement_vs_pytorch']:.2f}% on {c['images']} test images, accuracy "
+                  f"{c['test_accuracy']:.2f}%.\nEstimated, not synthesised (needs AMD Vitis HLS / Vivado): "
+                  f"{estimate_line(est)}.")
     (out / "latency.txt").write_text(table + "\n")
     say(f"latency per target and engine (local engines interleaved in one process, {bc.threads} threads):\n{table}")
     for t, per in best.items():

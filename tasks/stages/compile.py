@@ -35,6 +35,44 @@ def _int8(ctx: StageContext, out: Path) -> dict[str, Any] | None:
     return meta
 
 
+def deployed_model(ctx: StageContext, model: Any) -> Any:
+    """The fine-tuned model with the plan's post-training ops (int8) applied, as the finetune stage
+    scored it (same calibration batches): the quantized PyTorch model the FPGA flow implements."""
+    import copy
+
+    from compression_ops import OpData
+    from tasks.stages.plan import apply_ops
+
+    post = ops_in_phase(plan_from_json(read_json(ctx.paths.require("compress", "plan.json"))), "post")
+    if not post:
+        return model
+    sp = ctx.splits()
+    data = OpData(example=ctx.example(1), batches=sp.batches("train", 64, train=True, seed=1), max_batches=16)
+    return apply_ops(ctx.cfg, copy.deepcopy(model), post, data, quiet=True)[0].eval()
+
+
+def _fpga(ctx: StageContext, model: Any, example: Any, out: Path, device: Any) -> dict[str, Any]:
+    """The quantized model as an hls4ml project with its C simulation compiled (no vendor tools)."""
+    from tasks.engines.fpga_hls import build_hls, estimate_resources
+
+    say(f"FPGA ({device.name}): generating the hls4ml project and compiling its C simulation ...")
+    meta = build_hls(deployed_model(ctx, model), example, out, **device.hls_options())
+    est = estimate_resources(out)
+    meta["estimate"] = est
+    say(f"FPGA {device.name}: project in {out} ({meta.get('build_seconds', 0):.0f} s); estimated "
+        f"{estimate_line(est)}; synthesis needs AMD Vitis HLS / Vivado (not run)")
+    return meta
+
+
+def estimate_line(est: dict[str, Any]) -> str:
+    """One line of an FPGA estimate: DSPs, BRAM, latency range and throughput."""
+    t = est["totals"]
+    lo, hi = est["latency_us"]
+    tput = est.get("throughput_images_per_s")
+    return (f"{t['dsp']} DSP, {t['bram18']} BRAM18, latency {lo:.1f}-{hi:.1f} us at "
+            f"{1000 / est['clock_period_ns']:.0f} MHz" + (f", {tput:,.0f} images/s" if tput else ""))
+
+
 def host_lanes() -> int:
     """float32 lanes of this machine's vector registers (8 on AVX2, 16 on AVX-512)."""
     import tvm
@@ -54,6 +92,8 @@ def _tuning_line(meta: dict[str, Any]) -> str:
     t = meta.get("tuning")
     if not t:
         return "default schedule"
+    if not meta.get("verified_on_host"):  # cross-compiled: nothing can be timed here
+        return f"default knobs (tuning times kernels on this CPU only), {t['from_db']} kernels from the database"
     return (f"tuned {t['tuned']} kernels in {t['seconds']:.0f} s, {t['from_db']} from the database"
             + (f", {t['left_default']} left at defaults (budget spent)" if t["left_default"] else ""))
 
@@ -67,6 +107,10 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         entry: dict[str, Any] = {"targets": {}}
         for name in ctx.cfg.targets:
             device = get_device(name)
+            if device.is_fpga:
+                if which == "compressed":
+                    entry["targets"][name] = _fpga(ctx, model, example, out / which / name, device)
+                continue
             meta = build_tvm(model, example, device.tvm_target(), out / which / name,
                              batch_sizes=tuple(ctx.cfg.benchmark.batch_sizes),
                              cross_compiler=device.cross_compiler,
@@ -109,7 +153,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     return {
         "targets": list(ctx.cfg.targets),
         "max_abs_diff": max(
-            [m["max_abs_diff"] for e in summary.values() for m in e["targets"].values() if m["max_abs_diff"] is not None]
+            [m["max_abs_diff"] for e in summary.values() for m in e["targets"].values() if m.get("max_abs_diff") is not None]
             + [e["onnx"]["max_abs_diff"] for e in summary.values()]
         ),
     }

@@ -14,7 +14,7 @@ def test_shipped_pipelines_validate():
     demo = pipelines["fashion_resnet"]
     assert demo.data.source == "fashion_mnist"
     assert demo.goal.speedup == 2.0 and demo.goal.max_accuracy_drop == 0.5
-    assert demo.targets == ["host"]
+    assert demo.targets == ["host", "aarch64_neon"]
 
 
 def test_unknown_pipeline_lists_known_names(pipelines_file):

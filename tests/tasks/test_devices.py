@@ -27,7 +27,7 @@ def test_native_mcpu_resolves_to_host_cpu():
 
 
 def test_unknown_device_lists_known_names():
-    with pytest.raises(ConfigError, match=r"unknown device 'tpu'.*aarch64_neon, host"):
+    with pytest.raises(ConfigError, match=r"unknown device 'tpu'.*aarch64_neon, fpga_zu7ev, host"):
         get_device("tpu", REGISTRY)
 
 
