@@ -78,8 +78,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "engines.json")
     args = ap.parse_args()
 
-    import tvm
-
     from tasks.devices import get_device
     from tasks.engines.onnx_int8 import quantize_onnx_int8
     from tasks.engines.onnx_runtime import export_onnx, load_onnx
@@ -87,7 +85,7 @@ def main() -> None:
     from tasks.engines.pytorch_eager import TorchRunner
     from tasks.engines.timing import time_interleaved
     from tasks.engines.tvm_build import build_tvm, load_tvm
-    from tasks.engines.tvm_schedule import vector_lanes
+    from tasks.stages.compile import host_lanes
     from tasks.workspace import write_json
 
     splits = fashion_splits()
@@ -113,7 +111,7 @@ def main() -> None:
             runners[(which, name)] = load_tvm(tmp / which / name)
             say(f"{which} {name}: built in {build_s[f'{which}.{name}']:.1f} s")
         # as the compile stage does: ONNX exported with channels padded to the vector width
-        padded, _ = pad_channels(model, example, vector_lanes(tvm.target.Target(target)))
+        padded, _ = pad_channels(model, example, host_lanes())
         export_onnx(model, example, tmp / which / "unpadded.onnx")
         runners[(which, "onnxruntime_unpadded")] = load_onnx(tmp / which / "unpadded.onnx", THREADS)
         export_onnx(padded, example, tmp / which / "model.onnx")

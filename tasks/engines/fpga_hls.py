@@ -412,6 +412,13 @@ def quantize_input(x: np.ndarray, q: dict[str, Any]) -> np.ndarray:
 # --------------------------------------------------------------------------- precision choice
 
 
+def _affine_bounds(scale: Any, bias: Any, lo: Any, hi: Any) -> tuple[float, float]:
+    """The range of scale * x + bias (per channel) for x in [lo, hi], over all channels."""
+    ylo = np.minimum(scale * lo, scale * hi) + bias
+    yhi = np.maximum(scale * lo, scale * hi) + bias
+    return float(ylo.min()), float(yhi.max())
+
+
 def _int_bits_signed(lo: float, hi: float) -> int:
     """Smallest I with [lo, hi] inside [-2^(I-1), 2^(I-1)) (hi strictly below the top)."""
     i = 1
@@ -564,10 +571,7 @@ def _choose_precisions(prep: _Prepared, data_frac_bits: int | None, scale_bits: 
                 amin, amax = bounds[src + ":per_channel"]  # type: ignore[misc]
                 s = q.out_scale
                 b = q.out_bias
-                ylo = np.minimum(s * amin, s * amax) + b
-                yhi = np.maximum(s * amin, s * amax) + b
-                lo2, hi2 = float(ylo.min()), float(yhi.max())
-                bounds[node.name] = (lo2, hi2)
+                lo2, hi2 = bounds[node.name] = _affine_bounds(s, b, amin, amax)
                 prec[node.name] = {"result": fx(lo2, hi2, frac), "scale": cx(s, scale_bits),
                                    "bias": bx(b, frac + 2)}
                 info[node.name] = {"role": f"rescale of {q.name}: s_act * s_weight[c] (+ bias)", "source": q.name}
@@ -577,10 +581,7 @@ def _choose_precisions(prep: _Prepared, data_frac_bits: int | None, scale_bits: 
                     a = a * m.weight.detach().double()
                 c = (m.bias.detach().double() if m.affine else 0) - m.running_mean.double() * a
                 a, c = a.numpy(), np.asarray(c)
-                ylo = np.minimum(a * lo, a * hi) + c
-                yhi = np.maximum(a * lo, a * hi) + c
-                lo2, hi2 = float(ylo.min()), float(yhi.max())
-                bounds[node.name] = (lo2, hi2)
+                lo2, hi2 = bounds[node.name] = _affine_bounds(a, c, lo, hi)
                 prec[node.name] = {"result": fx(lo2, hi2, frac), "scale": cx(a, scale_bits),
                                    "bias": bx(c, frac + 2)}
                 info[node.name] = {"role": "batch norm (unfolded)"}

@@ -22,18 +22,28 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(y), 1))
 
 
+def randomize_bn(model: nn.Module, mean: float = 0.5, bias: float = 0.2) -> nn.Module:
+    """Non-trivial BN statistics (mean, bias uniform in +-mean, +-bias), so a wrong BN lowering shows
+    up in the outputs; returns the model in eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-mean, mean)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -bias, bias)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def bn_stats():
+    """randomize_bn, for test modules in this folder."""
+    return randomize_bn
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
-    model = TinyResNet()
-    # Non-trivial BN statistics, so a wrong BN lowering shows up in the outputs.
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-    return model.eval()
+    return randomize_bn(TinyResNet())
 
 
 @pytest.fixture(scope="session")

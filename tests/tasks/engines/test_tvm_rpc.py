@@ -144,16 +144,9 @@ class SmallCNN(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def cnn() -> nn.Module:
+def cnn(bn_stats) -> nn.Module:
     torch.manual_seed(0)
-    model = SmallCNN()
-    for m in model.modules():  # non-trivial BN statistics, so a wrong BN lowering shows
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-    return model.eval()
+    return bn_stats(SmallCNN())
 
 
 @pytest.fixture(scope="module")

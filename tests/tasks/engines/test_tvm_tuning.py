@@ -16,25 +16,19 @@ from tasks.engines.pad_channels import pad_channels
 from tasks.models import create_model
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
+def _randomize_bn(bn_stats, model: nn.Module) -> nn.Module:
     torch.manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -1, 1)
-    return model.eval()
+    return bn_stats(model, mean=1.0, bias=1.0)
 
 
 @pytest.fixture(scope="module")
-def pruned() -> tuple[nn.Module, torch.Tensor]:
+def pruned(bn_stats) -> tuple[nn.Module, torch.Tensor]:
     """A ResNet-8 pruned to odd widths (11, 22, 45 channels), with non-trivial BN statistics."""
     torch.manual_seed(0)
     base = create_model("resnet8", in_channels=1, num_classes=10, width=16).eval()
     ex = torch.randn(2, 1, 28, 28)
     model = channel_prune(copy.deepcopy(base), ChannelPrune(target_macs_reduction=2.0), OpData(example=ex)).model
-    return _randomize_bn(model), ex
+    return _randomize_bn(bn_stats, model), ex
 
 
 def _widths(model: nn.Module) -> list[int]:
@@ -55,11 +49,11 @@ def test_padding_widens_every_group_and_keeps_the_logits(pruned, multiple):
     assert {g["to"] % multiple for g in report["groups"]} == {0}
 
 
-def test_padding_a_depthwise_model_is_exact():
+def test_padding_a_depthwise_model_is_exact(bn_stats):
     torch.manual_seed(0)
     base = create_model("mobilenet_tiny", in_channels=1, num_classes=10).eval()
     ex = torch.randn(2, 1, 28, 28)
-    model = _randomize_bn(channel_prune(copy.deepcopy(base), ChannelPrune(ratio=0.3), OpData(example=ex)).model)
+    model = _randomize_bn(bn_stats, channel_prune(copy.deepcopy(base), ChannelPrune(ratio=0.3), OpData(example=ex)).model)
     padded, report = pad_channels(model, ex, 8)
     assert report["padded"]
     dw = [m for m in padded.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
