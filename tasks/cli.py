@@ -16,6 +16,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     load_pipeline(args.pipeline, args.config)  # a bad name or file fails here, before any work
     run_id = args.run_id or new_run_id()
+    force = _force_value(args.force)
+    # The run's force, read by every stage; stored before the first (a resume without --force clears it).
+    run_paths(args.pipeline, run_id, args.workspace).update_state(force=force)
     if sys.stderr.isatty():  # Airflow's task runner wraps stderr: decide on progress bars out here
         os.environ.setdefault("SHRINKFLOW_PROGRESS", "1")
     if args.no_airflow:
@@ -26,11 +29,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         from tasks.orchestrate import run_pipeline
 
-        run_pipeline(args.pipeline, run_id, config_path=args.config, workspace=args.workspace)
+        run_pipeline(args.pipeline, run_id, config_path=args.config, workspace=args.workspace, force=force)
     from tasks.report import print_run_summary
 
     print_run_summary(run_paths(args.pipeline, run_id, args.workspace))
     return 0
+
+
+def _force_value(value: str | bool | None) -> str | bool | None:
+    """--force (true: every stage) or --force STAGE (that stage and every later one), checked."""
+    from tasks.errors import StageError
+    from tasks.stage_specs import STAGES
+
+    if value is None or value is True or value in STAGES:
+        return value
+    raise StageError(f"--force {value!r}: not a stage; give one of {', '.join(STAGES)}, or --force alone for all")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -75,7 +88,8 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from tasks.stages import run_stage
 
     result = run_stage(
-        args.stage, args.pipeline, args.run_id, config_path=args.config, workspace=args.workspace
+        args.stage, args.pipeline, args.run_id, config_path=args.config, workspace=args.workspace,
+        force=True if args.force else None,
     )
     print(json.dumps(result, indent=2, default=str))
     return 0
@@ -121,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("pipeline")
     r.add_argument("--run-id", help="reuse or name a run (default: a new timestamped id)")
     r.add_argument("--no-airflow", action="store_true", help="call the stages directly, without Airflow")
+    r.add_argument("--force", nargs="?", const=True, metavar="STAGE",
+                   help="recompute instead of reusing unchanged stages: all, or STAGE and every later one")
     r.set_defaults(fn=_cmd_run)
 
     sub.add_parser("list", help="pipelines declared and runs in the workspace").set_defaults(fn=_cmd_list)
@@ -133,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("stage")
     st.add_argument("--pipeline", required=True)
     st.add_argument("--run-id", required=True)
+    st.add_argument("--force", action="store_true", help="recompute even when its inputs are unchanged")
     st.set_defaults(fn=_cmd_stage)
 
     w = sub.add_parser("search-worker", help="run trials of a run's shared search study (one of many workers)")

@@ -271,3 +271,38 @@ def load_pipeline(name: str, path: str | os.PathLike | None = None) -> PipelineC
             "Pick one of these or add it to the file."
         )
     return pipelines[name]
+
+
+def _merge_into(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        nxt = data.get(k)
+        if not isinstance(nxt, dict):
+            nxt = data[k] = {}
+        data = nxt
+    last = keys[-1]
+    if isinstance(value, dict) and isinstance(data.get(last), dict):
+        for k, v in value.items():
+            _merge_into(data[last], str(k).split("."), v)
+    else:
+        data[last] = value
+
+
+def apply_overrides(cfg: PipelineConfig, overrides: dict[str, Any] | None) -> PipelineConfig:
+    """The config with dotted or nested overrides deep-merged in, validated again (a ConfigError names the field).
+
+    Minimal version (incr branch); the dag branch owns this function and the lead keeps one at merge.
+    """
+    if not overrides:
+        return cfg
+    data = cfg.model_dump()
+    for key, value in overrides.items():
+        _merge_into(data, str(key).split("."), value)
+    try:
+        new = PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"pipeline {cfg.name!r}: the overrides {overrides} make an invalid config:"]
+        lines += [f"  - {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        lines.append("Fix these values in the trigger's parameters.")
+        raise ConfigError("\n".join(lines)) from err
+    new.name = cfg.name
+    return new

@@ -255,8 +255,12 @@ def run_pipeline(
     *,
     config_path: str | os.PathLike | None = None,
     workspace: str | os.PathLike | None = None,
+    force: bool | str | None = None,
 ) -> dict[str, Any]:
-    """Run the pipeline's DAG once, in this process, through Airflow (`dag.test`) on the embedded DB."""
+    """Run the pipeline's DAG once, in this process, through Airflow (`dag.test`) on the embedded DB.
+
+    Unchanged stages are reused (each task calls run_stage); `force` goes to the DAG run's conf.
+    """
     from tasks.config import load_pipeline, pipelines_path
     from tasks.workspace import new_run_id, sanitize_run_id
 
@@ -267,7 +271,10 @@ def run_pipeline(
         dag = _load_dag(dag_id(pipeline))
         log_file = Path(env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]) / "dag_test" / dag.dag_id / f"{run_id}.log"
         with _failed_task_errors() as errors, _tee_output(log_file):
-            dag_run = dag.test(run_conf={"run_id": run_id})
+            conf: dict[str, Any] = {"run_id": run_id}
+            if force is not None:
+                conf["force"] = force
+            dag_run = dag.test(run_conf=conf)
         states = {ti.task_id: _state(ti.state) for ti in dag_run.get_task_instances()}
         tasks = {task_id: states.get(task_id) for task_id in dag.task_ids}  # in the DAG's order
 

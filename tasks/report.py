@@ -94,9 +94,32 @@ def search_line(paths: RunPaths) -> str | None:
     return f"search: trial {c['trial']} of study {c.get('study')}: {c['why']}"
 
 
+def stage_rows(state: dict[str, Any]) -> list[list[str]]:
+    """stage, ran / reused, and why: what changed when it ran, whose output when it was reused."""
+    rows = []
+    for stage, rec in state.get("stages", {}).items():
+        if rec.get("reused"):
+            rows.append([stage, f"reused from {rec.get('reused_from')}", rec.get("reason", "")])
+        else:
+            rows.append([stage, "ran", rec.get("changed", "")])
+    return rows
+
+
+def nothing_changed(state: dict[str, Any]) -> bool:
+    """The register stage was reused: no input of the chain changed, so the registry was left alone."""
+    return bool(state.get("stages", {}).get("register", {}).get("reused"))
+
+
+NOTHING_CHANGED = "nothing changed; the champion stays"
+
+
 def print_run_summary(paths: RunPaths) -> None:
     state: dict[str, Any] = paths.read_state()
     print(f"\nshrinkflow run {paths.pipeline}/{paths.run_id}: {len(state.get('stages', {}))}/8 stages done")
+    if rows := stage_rows(state):
+        print(render_table(["stage", "ran / reused", "why"], rows))
+    if nothing_changed(state):
+        print(NOTHING_CHANGED)
     if (paths.stage_dir("finetune") / "metrics.json").exists():
         print(render_table(*summary_rows(paths)))
         print(goal_line(paths))
@@ -108,8 +131,11 @@ def print_run_summary(paths: RunPaths) -> None:
 
 def write_report(paths: RunPaths, dest: Path) -> None:
     header, rows = summary_rows(paths)
+    state = paths.read_state()
     text = [f"# shrinkflow run {paths.pipeline}/{paths.run_id}", "", goal_line(paths), "",
             search_line(paths) or "", "", render_markdown(header, rows), ""]
+    if stages := stage_rows(state):
+        text += ["## Stages: ran or reused", "", render_markdown(["stage", "ran / reused", "why"], stages), ""]
     bench = paths.stage_dir("benchmark")
     if (bench / "latency.txt").is_file():
         lat = read_json(bench / "latency.json")

@@ -77,16 +77,20 @@ def _no_search(ctx: StageContext, out: Path) -> dict[str, Any]:
 # --- the fan-out: called by Airflow's mapped tasks (dags/) and `shrinkflow search-worker` -------------
 
 def _load(pipeline: str, run_id: str, config_path, workspace) -> tuple[PipelineConfig, RunPaths]:
-    from tasks.config import load_pipeline
+    from tasks.config import apply_overrides, load_pipeline
     from tasks.workspace import run_paths
 
-    return load_pipeline(pipeline, config_path), run_paths(pipeline, run_id, workspace)
+    paths = run_paths(pipeline, run_id, workspace)  # the run's overrides apply here as in run_stage
+    return apply_overrides(load_pipeline(pipeline, config_path), paths.read_state().get("overrides") or {}), paths
 
 
 def setup(pipeline: str, run_id: str, *, config_path=None, workspace=None) -> dict[str, Any]:
     """Before the workers: scan sensitivity, create the study and the search's MLflow run, queue warm starts."""
     from tasks.search import runner
+    from tasks.stage_cache import stage_is_current
 
+    if stage_is_current("search", pipeline, run_id, config_path=config_path, workspace=workspace):
+        return {"study": None, "reused": True}  # the search stage will reuse its output: no study to run
     cfg, paths = _load(pipeline, run_id, config_path, workspace)
     if cfg.search.n_trials == 0:
         return {"study": None}
@@ -100,7 +104,10 @@ def worker(pipeline: str, run_id: str, index: int, *, config_path=None, workspac
     import math
 
     from tasks.search import runner
+    from tasks.stage_cache import stage_is_current
 
+    if stage_is_current("search", pipeline, run_id, config_path=config_path, workspace=workspace):
+        return {"worker": index, "trials": 0, "reused": True}
     cfg, paths = _load(pipeline, run_id, config_path, workspace)
     if cfg.search.n_trials == 0:
         return {"worker": index, "trials": 0}
