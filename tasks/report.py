@@ -96,8 +96,11 @@ def search_line(paths: RunPaths) -> str | None:
 
 def stage_rows(state: dict[str, Any]) -> list[list[str]]:
     """stage, ran / reused, and why: what changed when it ran, whose output when it was reused."""
+    from tasks.stage_specs import STAGES
+
     rows = []
-    for stage, rec in state.get("stages", {}).items():
+    recorded = state.get("stages", {})
+    for stage, rec in ((s, recorded[s]) for s in STAGES if s in recorded):
         if rec.get("reused"):
             rows.append([stage, f"reused from {rec.get('reused_from')}", rec.get("reason", "")])
         else:
