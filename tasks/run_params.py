@@ -122,10 +122,11 @@ def base_model_uri(value: str, cfg: PipelineConfig) -> str:
     if bare_version or _BARE_ALIAS.fullmatch(text):
         registered = _REGISTRY_URI.fullmatch(cfg.model.weights or "")
         if registered is None:
+            example = f"models:/<name>/{text}" if bare_version else f"models:/<name>@{text}"
             raise ConfigError(
                 f"base_model {value!r} is a bare {'version' if bare_version else 'alias'}, but pipeline "
                 f"{cfg.name!r} names no registered model in model.weights (it is {cfg.model.weights!r}); "
-                f"give the full URI, e.g. models:/<name>/{text}" if bare_version else f"give the full URI, e.g. models:/<name>@{text}"
+                f"give the full URI, e.g. {example}"
             )
         return f"models:/{registered['name']}/{text}" if bare_version else f"models:/{registered['name']}@{text}"
     if text.startswith("models:/") and not _REGISTRY_URI.fullmatch(text):

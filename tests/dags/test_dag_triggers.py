@@ -233,3 +233,25 @@ def test_example_dag_parses_without_heavy_modules(pipelines: Path, tmp_path: Pat
     assert out.returncode == 0, out.stderr[-3000:]
     (heavy,) = [line for line in out.stdout.splitlines() if line.startswith("HEAVY=")]
     assert heavy == "HEAVY="
+
+
+@pytest.mark.slow
+def test_example_dag_registers_the_base_and_reports_the_asset(
+    pipelines: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example's task itself: a digits base trained, registered as models:/digits-base@production."""
+    pytest.importorskip("tasks.models.sources", reason="register_base_model comes with the model-sources work")
+    from collections import defaultdict
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    train = _dagbag(tmp_path).dags["example_train_base"].get_task("train_and_register").python_callable
+    events: defaultdict = defaultdict(SimpleNamespace)
+    result = train(outlet_events=events)
+    assert result["alias"] == "production" and result["test_accuracy"] > 50  # trained, not chance (10 %)
+    version = MlflowClient(tracking_uri=uri).get_model_version_by_alias("digits-base", "production")
+    assert result["model"] == f"models:/digits-base/{version.version}"
+    (event,) = events.values()
+    assert event.extra["version"] == str(version.version)

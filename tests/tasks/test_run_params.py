@@ -89,7 +89,7 @@ def test_base_model_sets_model_weights(cfgs, pipeline, value, weights) -> None:
 
 @pytest.mark.parametrize(
     ("value", "fix"),
-    [("3", "names no registered model in model.weights"), ("models:/x", "models:/<name>/<version>"),
+    [("3", "names no registered model in model.weights"), ("staging", "e.g. models:/<name>@staging"), ("models:/x", "models:/<name>/<version>"),
      ("runs:/abc", "runs:/<run id>/<artifact path>")],
 )
 def test_bad_base_model_says_the_accepted_forms(cfgs, value, fix) -> None:
@@ -169,3 +169,18 @@ def test_start_run_records_overrides_and_force(cfgs, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="goal.speedup"):
         start_run("scratch", {"speedup": 0.5}, default_run_id="bad", stages=STAGES, config_path=config, workspace=ws)
     assert not (ws / "runs/scratch/bad").exists()
+
+
+def test_cli_run_rejects_bad_overrides_before_any_work(tmp_path: Path, capsys) -> None:
+    from tasks.cli import main
+
+    config = tmp_path / "pipelines.yaml"
+    config.write_text(YAML)
+    ws = tmp_path / "ws"
+    argv = ["--config", str(config), "--workspace", str(ws), "run", "scratch", "--set", "goal.speedup=0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "goal.speedup: Input should be greater than 1 (got 0.5)" in err and "Traceback" not in err
+    assert main([*argv[:6], "--base-model", "3"]) == 2
+    assert "names no registered model" in capsys.readouterr().err
+    assert not ws.exists()
