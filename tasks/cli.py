@@ -12,24 +12,33 @@ from tasks.errors import ShrinkflowError
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import load_pipeline
+    from tasks.run_params import conf_from_cli, parse_conf, start_run
+    from tasks.stages import STAGES
     from tasks.workspace import new_run_id, run_paths
 
-    load_pipeline(args.pipeline, args.config)  # a bad name or file fails here, before any work
+    cfg = load_pipeline(args.pipeline, args.config)  # a bad name or file fails here, before any work
+    conf = conf_from_cli(args.set, args.base_model)
+    parse_conf(conf, cfg, STAGES)  # bad overrides fail here too, with the field and the fix
     run_id = args.run_id or new_run_id()
     force = _force_value(args.force)
-    # The run's force, read by every stage; stored before the first (a resume without --force clears it).
-    run_paths(args.pipeline, run_id, args.workspace).update_state(force=force)
+    if force is not None:
+        conf["force"] = force
+    # The DAG's start task (or start_run below) stores force and the overrides in run.json for every stage;
+    # a resume without --force clears an earlier run's force.
     if sys.stderr.isatty():  # Airflow's task runner wraps stderr: decide on progress bars out here
         os.environ.setdefault("SHRINKFLOW_PROGRESS", "1")
     if args.no_airflow:
-        from tasks.stages import STAGES, run_stage
+        from tasks.stages import run_stage
 
+        # What the DAG's start task does: check, and record the overrides in run.json for the stages.
+        run_id = start_run(args.pipeline, conf, default_run_id=run_id, stages=STAGES, config_path=args.config,
+                           workspace=args.workspace)
         for stage in STAGES:
             run_stage(stage, args.pipeline, run_id, config_path=args.config, workspace=args.workspace)
     else:
         from tasks.orchestrate import run_pipeline
 
-        run_pipeline(args.pipeline, run_id, config_path=args.config, workspace=args.workspace, force=force)
+        run_pipeline(args.pipeline, run_id, config_path=args.config, workspace=args.workspace, conf=conf)
     from tasks.report import print_run_summary
 
     print_run_summary(run_paths(args.pipeline, run_id, args.workspace))
@@ -137,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-airflow", action="store_true", help="call the stages directly, without Airflow")
     r.add_argument("--force", nargs="?", const=True, metavar="STAGE",
                    help="recompute instead of reusing unchanged stages: all, or STAGE and every later one")
+    r.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a pipelines.yaml field for this run, e.g. --set goal.speedup=2.5 (repeatable)")
+    r.add_argument("--base-model", metavar="URI",
+                   help="the base to recompress: models:/<name>/<version>, models:/<name>@<alias>, runs:/..., a "
+                   "file, or a bare version/alias of the model in model.weights")
     r.set_defaults(fn=_cmd_run)
 
     sub.add_parser("list", help="pipelines declared and runs in the workspace").set_defaults(fn=_cmd_list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -10,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError, UnknownPipelineError
+from tasks.schedules import AssetSchedule, parse_schedule
 
 DEFAULT_PIPELINES_FILE = "pipelines.yaml"
 
@@ -198,8 +200,17 @@ class PipelineConfig(_Strict):
     targets: list[str] = Field(default_factory=lambda: ["host"])
     compile: CompileConfig = Field(default_factory=CompileConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
-    schedule: str | None = Field(None, description="Airflow schedule, e.g. '@daily'; none: manual runs only")
+    schedule: str | AssetSchedule | None = Field(
+        None,
+        description="a cron expression or preset ('0 2 * * *', '@daily'), {model_alias: 'models:/<name>@<alias>'} "
+        "or {asset: '<uri>'} (an Airflow Asset); none: manual runs only",
+    )
     tags: list[str] = Field(default_factory=list)
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _valid_schedule(cls, v: Any) -> str | AssetSchedule | None:
+        return parse_schedule(v)
 
     @field_validator("targets")
     @classmethod
@@ -245,14 +256,95 @@ def read_validated_yaml(path: Path, schema: type[BaseModel], key: str, what: str
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{path} is not a valid {what}:"]
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            got = e.get("input")
-            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-            lines.append(f"  - {loc}: {e['msg']}{shown}")
+        lines = [f"{path} is not a valid {what}:", *_error_lines(err)]
         lines.append(f"Fix these fields; the schema lives in {schema.__module__.replace('.', '/')}.py.")
         raise ConfigError("\n".join(lines)) from err
+
+
+def _error_lines(err: ValidationError, hints: bool = False) -> list[str]:
+    """One line per invalid field: its dotted path, what is wrong, the value given (and, with hints, the field's help)."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        got = e.get("input")
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        # Our own validators' messages already say the fix; pydantic's built-in ones get the field's help.
+        hint = _field_hint(e["loc"]) if hints and e["type"] != "value_error" else ""
+        lines.append(f"  - {loc}: {e['msg']}{shown}{hint}")
+    return lines
+
+
+def _field_hint(loc: tuple) -> str:
+    """What the field at `loc` means (its description), or the fields its section does have."""
+    model: Any = PipelineConfig
+    for i, part in enumerate(loc):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return ""
+        if part not in fields:
+            return f"; {'.'.join(map(str, loc[:i])) or 'the pipeline'} has: {', '.join(fields)}"
+        info = fields[part]
+        model = info.annotation
+        if i == len(loc) - 1:
+            return f"; {loc[-1]}: {info.description}" if info.description else ""
+    return ""
+
+
+def nest_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys ({"goal.speedup": 2.5}) made nested ({"goal": {"speedup": 2.5}}), merged with nested ones."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        if not all(parts):
+            raise ConfigError(f"override key {key!r} is not a dotted field path such as goal.speedup or train.epochs")
+        value = nest_overrides(value) if isinstance(value, Mapping) else value
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override that sets {part!r} to a value")
+        last = parts[-1]
+        if isinstance(node.get(last), dict) and isinstance(value, dict):
+            node[last] = _deep_merge(node[last], value)
+        elif last in node:
+            raise ConfigError(f"override {key!r} is given twice; keep one")
+        else:
+            node[last] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`top` merged into a copy of `base`: mappings merge key by key, anything else (lists too) replaces."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(
+    cfg: PipelineConfig, overrides: Mapping[str, Any] | None, *, source: str = "overrides"
+) -> PipelineConfig:
+    """`cfg` with `overrides` (nested or dotted keys) deep-merged in and validated again by the same schema.
+
+    A bad value is a ConfigError naming the field, the value given, what the field means and the fix.
+    """
+    if not overrides:
+        return cfg
+    nested = nest_overrides(overrides)
+    if "name" in nested:
+        raise ConfigError(f"{source}: 'name' cannot be overridden; it is the pipeline's key in pipelines.yaml")
+    try:
+        new = PipelineConfig.model_validate(_deep_merge(cfg.model_dump(), nested))
+    except ValidationError as err:
+        lines = [f"{source} do not fit pipeline {cfg.name!r}:", *_error_lines(err, hints=True)]
+        lines.append("Fix these values (a trigger's params, or `shrinkflow run --set field=value`); "
+                     "the schema lives in tasks/config.py.")
+        raise ConfigError("\n".join(lines)) from None
+    new.name = cfg.name
+    return new
 
 
 def load_pipelines(path: str | os.PathLike | None = None) -> dict[str, PipelineConfig]:
@@ -272,37 +364,3 @@ def load_pipeline(name: str, path: str | os.PathLike | None = None) -> PipelineC
         )
     return pipelines[name]
 
-
-def _merge_into(data: dict[str, Any], keys: list[str], value: Any) -> None:
-    for k in keys[:-1]:
-        nxt = data.get(k)
-        if not isinstance(nxt, dict):
-            nxt = data[k] = {}
-        data = nxt
-    last = keys[-1]
-    if isinstance(value, dict) and isinstance(data.get(last), dict):
-        for k, v in value.items():
-            _merge_into(data[last], str(k).split("."), v)
-    else:
-        data[last] = value
-
-
-def apply_overrides(cfg: PipelineConfig, overrides: dict[str, Any] | None) -> PipelineConfig:
-    """The config with dotted or nested overrides deep-merged in, validated again (a ConfigError names the field).
-
-    Minimal version (incr branch); the dag branch owns this function and the lead keeps one at merge.
-    """
-    if not overrides:
-        return cfg
-    data = cfg.model_dump()
-    for key, value in overrides.items():
-        _merge_into(data, str(key).split("."), value)
-    try:
-        new = PipelineConfig.model_validate(data)
-    except ValidationError as err:
-        lines = [f"pipeline {cfg.name!r}: the overrides {overrides} make an invalid config:"]
-        lines += [f"  - {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        lines.append("Fix these values in the trigger's parameters.")
-        raise ConfigError("\n".join(lines)) from err
-    new.name = cfg.name
-    return new

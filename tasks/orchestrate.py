@@ -228,6 +228,13 @@ def _state(value: Any) -> str | None:
     return None if value is None else str(getattr(value, "value", value))
 
 
+def _unwrap(err: Any) -> Any:
+    """The error behind an AirflowFailException (how the DAG fails a task without retries), else `err`."""
+    if type(err).__name__ == "AirflowFailException" and isinstance(err.__cause__, BaseException):
+        return err.__cause__
+    return err
+
+
 def _failure_message(
     pipeline: str, run_id: str, tasks: dict[str, str | None], errors: dict, log: Path
 ) -> str:
@@ -235,7 +242,7 @@ def _failure_message(
     not_run = [t for t, s in tasks.items() if s in ("upstream_failed", None)]
     lines = [f"pipeline {pipeline!r}, run {run_id!r} failed at task {', '.join(failed) or '(none)'}"]
     for task_id in failed:
-        err = errors.get(task_id)
+        err = _unwrap(errors.get(task_id))
         if isinstance(err, BaseException):
             lines.append(f"  {task_id}: {type(err).__name__}: {err}")
         elif err:
@@ -255,11 +262,15 @@ def run_pipeline(
     *,
     config_path: str | os.PathLike | None = None,
     workspace: str | os.PathLike | None = None,
-    force: bool | str | None = None,
+    conf: dict[str, Any] | None = None,
+    retries: int = 0,
 ) -> dict[str, Any]:
     """Run the pipeline's DAG once, in this process, through Airflow (`dag.test`) on the embedded DB.
 
-    Unchanged stages are reused (each task calls run_stage); `force` goes to the DAG run's conf.
+    `conf` holds the trigger params (goal, base_model, force, overrides; see tasks/run_params.py).
+    `retries`: how often a task that failed transiently is tried again (the scheduler's DAGs retry twice;
+    here 0 by default: someone is watching, so the run stops at once and prints how to resume it).
+    Unchanged stages are reused (each task calls run_stage).
     """
     from tasks.config import load_pipeline, pipelines_path
     from tasks.workspace import new_run_id, sanitize_run_id
@@ -267,14 +278,13 @@ def run_pipeline(
     config = pipelines_path(config_path).resolve()
     load_pipeline(pipeline, config)  # unknown name or broken file: fail before touching Airflow
     run_id = sanitize_run_id(run_id or new_run_id())
-    with embedded_airflow(workspace, config_path=config) as env:
+    # Read by the DAG file when it is parsed (here, and by dag.test's own parse of the folder).
+    retry_env = {"SHRINKFLOW_TASK_RETRIES": str(retries)}
+    with embedded_airflow(workspace, config_path=config) as env, _environment(retry_env):
         dag = _load_dag(dag_id(pipeline))
         log_file = Path(env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]) / "dag_test" / dag.dag_id / f"{run_id}.log"
         with _failed_task_errors() as errors, _tee_output(log_file):
-            conf: dict[str, Any] = {"run_id": run_id}
-            if force is not None:
-                conf["force"] = force
-            dag_run = dag.test(run_conf=conf)
+            dag_run = dag.test(run_conf={**(conf or {}), "run_id": run_id})
         states = {ti.task_id: _state(ti.state) for ti in dag_run.get_task_instances()}
         tasks = {task_id: states.get(task_id) for task_id in dag.task_ids}  # in the DAG's order
 
@@ -287,7 +297,7 @@ def run_pipeline(
     }
     if result["state"] != "success":
         error = PipelineRunError(_failure_message(pipeline, run_id, tasks, errors, log_file))
-        first = next((e for e in errors.values() if isinstance(e, BaseException)), None)
+        first = next((_unwrap(e) for e in errors.values() if isinstance(e, BaseException)), None)
         raise error from first
     return result
 

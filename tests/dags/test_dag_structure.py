@@ -21,8 +21,7 @@ from tasks.orchestrate import (
     embedded_airflow,
     run_pipeline,
 )
-
-STAGES = ("prepare_data", "train_base", "search", "compress", "finetune", "compile", "benchmark", "register")
+from tasks.stage_specs import STAGES  # noqa: E402
 
 PIPELINES = textwrap.dedent(
     """
@@ -81,7 +80,7 @@ def test_tasks_run_start_then_stages_in_order(pipelines: Path, tmp_path: Path) -
         # every stage reads the run id from start, and waits for the stage before it
         assert dag.get_task(stage).upstream_task_ids == {"start", before}
     assert dag.get_task("register").downstream_task_ids == set()
-    assert all(t.retries == 0 for t in dag.tasks)
+    assert all(t.retries == 2 and t.retry_exponential_backoff for t in dag.tasks)
 
 
 def test_search_fans_out_to_mapped_workers(pipelines: Path, tmp_path: Path) -> None:
