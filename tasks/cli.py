@@ -117,9 +117,9 @@ def _cmd_search_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from tasks.orchestrate import up
+    from tasks.airflow_services import up
 
-    return up(args.workspace, config_path=args.config)
+    return up(args.workspace, config_path=args.config, port=args.port, mlflow_port=args.mlflow_port)
 
 
 def _cmd_airflow(args: argparse.Namespace) -> int:
@@ -174,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--setup", action="store_true", help="only prepare the study (scan, warm starts) and exit")
     w.set_defaults(fn=_cmd_search_worker)
 
-    sub.add_parser("up", help="start the Airflow and MLflow UIs on 127.0.0.1").set_defaults(fn=_cmd_up)
+    u = sub.add_parser("up", help="start Airflow (scheduler, UI) and the MLflow UI on 127.0.0.1 until Ctrl-C")
+    u.add_argument("--port", type=int, help="Airflow's port (default $AIRFLOW__API__PORT or 8080)")
+    u.add_argument("--mlflow-port", type=int, help="the MLflow UI's port (default 5000)")
+    u.set_defaults(fn=_cmd_up)
 
     a = sub.add_parser("airflow", help="the airflow CLI with shrinkflow's settings, e.g. `airflow dags list`")
     a.add_argument("rest", nargs=argparse.REMAINDER)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -327,89 +326,3 @@ def list_dags(
     raise ShrinkflowError(
         f"`airflow dags list` failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
     )
-
-
-def _stop(procs: dict[str, subprocess.Popen]) -> None:
-    """Stop each child's whole process group (their workers too): SIGINT, then SIGTERM, then SIGKILL."""
-    for sig, grace in ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        alive = [p for p in procs.values() if p.poll() is None]
-        if not alive:
-            return
-        for proc in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + grace
-        for proc in alive:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def up(workspace: str | os.PathLike | None = None, *, config_path: str | os.PathLike | None = None) -> int:
-    """Start `airflow standalone` and the MLflow UI on 127.0.0.1 until Ctrl-C; returns an exit code."""
-    from tasks.config import pipelines_path
-    from tasks.workspace import workspace_root
-
-    ws = workspace_root(workspace)
-    env = airflow_env(ws, pipelines=pipelines_path(config_path).resolve())
-    home = Path(env["AIRFLOW_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    child_env = {**os.environ, **env}
-    # standalone starts its components as `airflow ...` from PATH: make that this venv's airflow.
-    child_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    if "AIRFLOW__LOGGING__LOGGING_LEVEL" not in os.environ:
-        child_env["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "INFO"  # the services' own logs are the point here
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    commands = {
-        "airflow": [_airflow_bin(), "standalone"],
-        "mlflow": [
-            mlflow,
-            "ui",
-            "--backend-store-uri",
-            f"sqlite:///{ws / 'mlflow.db'}",
-            "--default-artifact-root",
-            str(ws / "mlartifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(MLFLOW_PORT),
-            "--workers",
-            "1",  # the default 4 is a lot for one user on a small machine
-        ],
-    }
-    procs: dict[str, subprocess.Popen] = {}
-    # Our handlers, not an inherited SIG_IGN (a shell's background job), so Ctrl-C and `kill` reach us;
-    # the children then start with the default dispositions.
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for name, cmd in commands.items():
-            # Own process group each, so Ctrl-C reaches them (and their workers) once, from us.
-            procs[name] = subprocess.Popen(cmd, env=child_env, cwd=REPO_ROOT, start_new_session=True)
-        passwords = child_env.get(
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE",
-            str(home / "simple_auth_manager_passwords.json.generated"),
-        )
-        print(
-            f"\nAirflow  http://127.0.0.1:{env['AIRFLOW__API__PORT']}  (user admin; password in {passwords},"
-            f" written once standalone is up)\nMLflow   http://127.0.0.1:{MLFLOW_PORT}\n"
-            f"Workspace {ws}\nCtrl-C stops both.\n",
-            flush=True,
-        )
-        while all(p.poll() is None for p in procs.values()):
-            time.sleep(0.5)
-        dead = [f"{n} (exit {p.returncode})" for n, p in procs.items() if p.poll() is not None]
-        print(f"shrinkflow up: {', '.join(dead)} stopped; stopping the rest", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nshrinkflow up: stopping Airflow and MLflow ...", file=sys.stderr)
-        return 0
-    finally:
-        signal.signal(
-            signal.SIGINT, signal.SIG_IGN
-        )  # a second Ctrl-C must not leave orphans; _stop escalates
-        _stop(procs)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

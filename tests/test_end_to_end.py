@@ -45,6 +45,7 @@ def test_every_stage_wrote_its_artifacts(e2e_run):
         assert (run / f).is_file(), f
     assert not list(run.glob(".*.tmp")), "scratch folders left behind"
     assert "goal MET" in proc.stdout and "latency tvm host b1" in proc.stdout
+    assert "[shrinkflow] base model: test accuracy" in proc.stderr  # progress on the terminal, as before
 
 
 def test_compressed_model_meets_its_goal(e2e_run):

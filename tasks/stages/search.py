@@ -7,6 +7,7 @@ stage then runs whatever budget is left, waits for running trials, and chooses.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     say(f"search: chose trial {choice['trial']} ({choice['why']}); val {m.get('val_accuracy', float('nan')):.2f}%, "
         f"{m.get('macs_reduction', float('nan')):.2f}x fewer MACs, {m.get('size_mb', float('nan')):.3f} MB: {verdict}")
     if not choice["feasible"]:
-        say("search: the full fine-tune goes ahead with the closest plan; its goal check will say NOT met")
+        say("search: the full fine-tune goes ahead with the closest plan; its goal check will say NOT met",
+            logging.WARNING)
     return {"searched": True, "chosen_trial": choice["trial"], "feasible": choice["feasible"], "trials": rows_done}
 
 
