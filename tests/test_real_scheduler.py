@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from tasks.airflow_services import Services, free_port, read_admin_password, start_services
+from tasks.stage_specs import STAGES
 
-STAGES = ("prepare_data", "train_base", "search", "compress", "finetune", "compile", "benchmark", "register")
 DAG_ID = "shrinkflow__digits_tiny"
+GOAL = {"speedup": 1.4}  # a trigger param: pipelines.yaml below says 1.3
 # digits_tiny's shape with the smallest settings that still run every stage (DAG id unchanged).
 PIPELINES = textwrap.dedent(
     """
@@ -136,10 +137,13 @@ def _run_state(api: Api, run_id: str) -> dict:
 
 
 def test_a_rest_trigger_runs_every_stage_tracked_under_its_airflow_run_id(api):
-    run = api.trigger_and_wait("rest_first", {"run_id": "sched1"}, timeout=900)
+    # The trigger form's params: the run id and a goal override, validated and applied for this run only.
+    run = api.trigger_and_wait("rest_first", {"run_id": "sched1", **GOAL}, timeout=900)
     states = api.task_states("rest_first")
     assert set(states) == {"start", *STAGES} and set(states.values()) == {"success"}, states
-    assert _run_state(api, "sched1")["completed"] == list(STAGES)
+    state = _run_state(api, "sched1")
+    assert state["completed"] == list(STAGES)
+    assert state["overrides"] == {"goal": GOAL}
 
     from mlflow.tracking import MlflowClient
 
@@ -160,7 +164,6 @@ def test_a_rest_trigger_runs_every_stage_tracked_under_its_airflow_run_id(api):
 
 
 def test_a_second_trigger_with_nothing_changed_reuses_every_stage(api):
-    # Needs the incremental runs (branch h-incr): run.json marks each reused stage `reused: true`.
-    api.trigger_and_wait("rest_second", {"run_id": "sched2"}, timeout=600)
+    api.trigger_and_wait("rest_second", {"run_id": "sched2", **GOAL}, timeout=600)
     stages = _run_state(api, "sched2")["stages"]
     assert {s: bool(stages.get(s, {}).get("reused")) for s in STAGES} == dict.fromkeys(STAGES, True)
