@@ -11,10 +11,12 @@ from tasks.errors import ShrinkflowError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from tasks.config import load_pipeline
+    from tasks.check import check_pipeline
+    from tasks.progress import say
     from tasks.workspace import new_run_id, run_paths
 
-    load_pipeline(args.pipeline, args.config)  # a bad name or file fails here, before any work
+    # Everything knowable without training (config, devices, model, data, services) fails here, before any work.
+    check_pipeline(args.pipeline, args.config, workspace=args.workspace, echo=lambda line: say(f"check: {line}"))
     run_id = args.run_id or new_run_id()
     if sys.stderr.isatty():  # Airflow's task runner wraps stderr: decide on progress bars out here
         os.environ.setdefault("SHRINKFLOW_PROGRESS", "1")
@@ -30,6 +32,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tasks.report import print_run_summary
 
     print_run_summary(run_paths(args.pipeline, run_id, args.workspace))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from tasks.check import check_pipeline
+
+    check_pipeline(args.pipeline, args.config, workspace=args.workspace, services=not args.no_services,
+                   echo=lambda line: print(f"\u2713 {line}", flush=True))
+    print(f"pipeline {args.pipeline!r}: ready to run")
     return 0
 
 
@@ -114,7 +125,7 @@ def _cmd_airflow(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shrinkflow", description=__doc__)
     p.add_argument("--config", help="pipelines file (default: ./pipelines.yaml or $SHRINKFLOW_PIPELINES)")
-    p.add_argument("--workspace", help="artifact folder (default: ./.shrinkflow or $SHRINKFLOW_HOME)")
+    p.add_argument("--workspace", help="artifact folder (default: $SHRINKFLOW_HOME or .shrinkflow beside the pipelines file)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run a pipeline end to end through its Airflow DAG (in-process)")
@@ -122,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-id", help="reuse or name a run (default: a new timestamped id)")
     r.add_argument("--no-airflow", action="store_true", help="call the stages directly, without Airflow")
     r.set_defaults(fn=_cmd_run)
+
+    c = sub.add_parser("check", help="validate a pipeline without training: config, devices, model, data, services")
+    c.add_argument("pipeline")
+    c.add_argument("--no-services", action="store_true", help="skip the network (study storage, MLflow, RPC devices)")
+    c.set_defaults(fn=_cmd_check)
 
     sub.add_parser("list", help="pipelines declared and runs in the workspace").set_defaults(fn=_cmd_list)
 
@@ -154,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from tasks.workspace import project_workspace
+
+        # Defaults count from the project (the pipelines file's folder), not the cwd.
+        args.workspace = str(project_workspace(args.workspace, args.config))
         return args.fn(args)
     except ShrinkflowError as e:
         print(f"shrinkflow: error: {e}", file=sys.stderr)

@@ -35,3 +35,11 @@ class PipelineRunError(ShrinkflowError):
 
 class DeviceError(ShrinkflowError):
     """A device (e.g. a TVM RPC server) cannot be reached or used."""
+
+
+class TransientError(ShrinkflowError):
+    """A service or device was unreachable; a retry may succeed."""
+
+
+class ServiceError(TransientError):
+    """A service a run needs (the Optuna study storage, the MLflow tracking server) does not answer."""
