@@ -227,6 +227,12 @@ def _check_study_storage(cfg: PipelineConfig, ws: Path) -> str:
     if cfg.search.n_trials == 0:
         return "study storage: not used (search.n_trials: 0)"
     url = cfg.search.storage or os.environ.get("SHRINKFLOW_OPTUNA_STORAGE")
+    if cfg.search.workers > 1 and (not url or url.startswith("sqlite")):
+        raise ConfigError(
+            f"{_where(cfg)}: search.workers={cfg.search.workers} share one study, and the storage is SQLite, "
+            "which workers on other machines cannot reach: set search.storage (or $SHRINKFLOW_OPTUNA_STORAGE) "
+            "to postgresql+psycopg2://user@host:5432/db"
+        )
     if not url:
         return f"study storage: SQLite in the workspace ({ws / 'optuna.db'})"
     field = "search.storage" if cfg.search.storage else "$SHRINKFLOW_OPTUNA_STORAGE"

@@ -284,3 +284,24 @@ def test_cli_check_prints_each_line_and_exits_2_on_a_problem(tmp_path, workspace
 
 def test_shipped_pipelines_pass_the_offline_check():
     assert len(check_pipeline("digits_tiny", REPO / "pipelines.yaml", services=False)) >= 6
+
+
+def test_search_workers_need_a_server_storage(tmp_path, workspace, monkeypatch):
+    monkeypatch.delenv("SHRINKFLOW_OPTUNA_STORAGE", raising=False)
+    cfg = write_pipeline(tmp_path, search={"n_trials": 4, "workers": 2})
+    with pytest.raises(ConfigError, match=r"search.workers=2 share one study.*set search.storage"):
+        check_pipeline("p", cfg)
+
+
+def test_unreachable_rpc_device(tmp_path, workspace, monkeypatch):
+    from tasks.errors import DeviceError
+
+    monkeypatch.delenv("SHRINKFLOW_DEVICES", raising=False)
+    (tmp_path / "infra").mkdir()
+    (tmp_path / "infra" / "devices.yaml").write_text(
+        "devices:\n  host: {target: {kind: llvm}}\n"
+        "  board: {target: {kind: llvm}, rpc: {host: 127.0.0.1, port: 1}}\n")
+    cfg = write_pipeline(tmp_path, targets=["host", "board"])
+    with pytest.raises(DeviceError, match=r"target 'board': its TVM RPC server 127.0.0.1:1 is unreachable"):
+        check_pipeline("p", cfg)
+    assert not any("board" in line for line in check_pipeline("p", cfg, services=False)[2:])
