@@ -17,13 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline", required=True)
     p.add_argument("--run-id", default="dvc", help="run id (default 'dvc': the folder dvc.yaml declares)")
     p.add_argument("--config", help="pipelines file (default ./pipelines.yaml)")
-    p.add_argument("--workspace", help="artifact folder (default ./.shrinkflow)")
+    p.add_argument("--workspace", help="artifact folder (default: $SHRINKFLOW_HOME or .shrinkflow beside the pipelines file)")
     p.add_argument("--force", action="store_true", help="recompute even when its inputs are unchanged")
     args = p.parse_args(argv)
     from tasks.stages import run_stage
+    from tasks.workspace import project_workspace
 
     try:
-        result = run_stage(args.stage, args.pipeline, args.run_id, config_path=args.config, workspace=args.workspace,
+        workspace = project_workspace(args.workspace, args.config)  # beside the pipelines file, not the cwd
+        result = run_stage(args.stage, args.pipeline, args.run_id, config_path=args.config, workspace=workspace,
                            force=True if args.force else None)
     except ShrinkflowError as e:
         print(f"shrinkflow: error: {e}", file=sys.stderr)

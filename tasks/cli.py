@@ -11,14 +11,19 @@ from tasks.errors import ShrinkflowError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from tasks.check import check_pipeline
     from tasks.config import load_pipeline
+    from tasks.progress import say
     from tasks.run_params import conf_from_cli, parse_conf, start_run
     from tasks.stages import STAGES
     from tasks.workspace import new_run_id, run_paths
 
     cfg = load_pipeline(args.pipeline, args.config)  # a bad name or file fails here, before any work
     conf = conf_from_cli(args.set, args.base_model)
-    parse_conf(conf, cfg, STAGES)  # bad overrides fail here too, with the field and the fix
+    params = parse_conf(conf, cfg, STAGES)  # bad overrides fail here too, with the field and the fix
+    # Everything knowable without training (config, devices, model, data, services) fails here, before any work.
+    check_pipeline(args.pipeline, args.config, workspace=args.workspace, overrides=params.overrides,
+                   echo=lambda line: say(f"check: {line}"))
     run_id = args.run_id or new_run_id()
     force = _force_value(args.force)
     if force is not None:
@@ -32,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         # What the DAG's start task does: check, and record the overrides in run.json for the stages.
         run_id = start_run(args.pipeline, conf, default_run_id=run_id, stages=STAGES, config_path=args.config,
-                           workspace=args.workspace)
+                           workspace=args.workspace, check=False)
         for stage in STAGES:
             run_stage(stage, args.pipeline, run_id, config_path=args.config, workspace=args.workspace)
     else:
@@ -53,6 +58,15 @@ def _force_value(value: str | bool | None) -> str | bool | None:
     if value is None or value is True or value in STAGES:
         return value
     raise StageError(f"--force {value!r}: not a stage; give one of {', '.join(STAGES)}, or --force alone for all")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from tasks.check import check_pipeline
+
+    check_pipeline(args.pipeline, args.config, workspace=args.workspace, services=not args.no_services,
+                   echo=lambda line: print(f"\u2713 {line}", flush=True))
+    print(f"pipeline {args.pipeline!r}: ready to run")
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -137,7 +151,7 @@ def _cmd_airflow(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shrinkflow", description=__doc__)
     p.add_argument("--config", help="pipelines file (default: ./pipelines.yaml or $SHRINKFLOW_PIPELINES)")
-    p.add_argument("--workspace", help="artifact folder (default: ./.shrinkflow or $SHRINKFLOW_HOME)")
+    p.add_argument("--workspace", help="artifact folder (default: $SHRINKFLOW_HOME or .shrinkflow beside the pipelines file)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run a pipeline end to end through its Airflow DAG (in-process)")
@@ -152,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base to recompress: models:/<name>/<version>, models:/<name>@<alias>, runs:/..., a "
                    "file, or a bare version/alias of the model in model.weights")
     r.set_defaults(fn=_cmd_run)
+
+    c = sub.add_parser("check", help="validate a pipeline without training: config, devices, model, data, services")
+    c.add_argument("pipeline")
+    c.add_argument("--no-services", action="store_true", help="skip the network (study storage, MLflow, RPC devices)")
+    c.set_defaults(fn=_cmd_check)
 
     sub.add_parser("list", help="pipelines declared and runs in the workspace").set_defaults(fn=_cmd_list)
 
@@ -188,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from tasks.workspace import project_workspace
+
+        # Defaults count from the project (the pipelines file's folder), not the cwd.
+        args.workspace = str(project_workspace(args.workspace, args.config))
         return args.fn(args)
     except ShrinkflowError as e:
         print(f"shrinkflow: error: {e}", file=sys.stderr)

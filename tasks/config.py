@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import ConfigError, UnknownPipelineError
 from tasks.schedules import AssetSchedule, parse_schedule
@@ -206,6 +214,8 @@ class PipelineConfig(_Strict):
         "or {asset: '<uri>'} (an Airflow Asset); none: manual runs only",
     )
     tags: list[str] = Field(default_factory=list)
+    # The file this pipeline was read from (set by load_pipelines): its folder is the project.
+    _pipelines_file: Path | None = PrivateAttr(None)
 
     @field_validator("schedule", mode="before")
     @classmethod
@@ -344,13 +354,51 @@ def apply_overrides(
                      "the schema lives in tasks/config.py.")
         raise ConfigError("\n".join(lines)) from None
     new.name = cfg.name
+    if cfg._pipelines_file is not None:  # validation drops the private field; paths keep counting from the project
+        resolve_project_paths(new, cfg._pipelines_file)
     return new
 
 
+def project_dir(cfg: PipelineConfig | None = None, path: str | os.PathLike | None = None) -> Path:
+    """The project: the folder of the pipeline's file (or of `path`, $SHRINKFLOW_PIPELINES, ./pipelines.yaml).
+
+    Relative paths in the file and the defaults (workspace, device registry) count from here, not the cwd.
+    """
+    source = cfg._pipelines_file if cfg is not None and cfg._pipelines_file is not None else pipelines_path(path)
+    return Path(source).resolve().parent
+
+
+def _from_project(value: str | None, project: Path) -> str | None:
+    """A relative file path made absolute against the project; URIs and absolute paths stay as written."""
+    if not value or "://" in value or value.startswith(("models:/", "runs:/")):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else project / p)
+
+
+def resolve_project_paths(cfg: PipelineConfig, pipelines_file: Path) -> PipelineConfig:
+    """Point the pipeline's relative paths (data, weights, tuning database, SQLite study) at its project."""
+    project = pipelines_file.resolve().parent
+    cfg._pipelines_file = pipelines_file.resolve()
+    cfg.data.path = _from_project(cfg.data.path, project)
+    cfg.model.weights = _from_project(cfg.model.weights, project)
+    cfg.compile.tuning.database = _from_project(cfg.compile.tuning.database, project)
+    storage = cfg.search.storage
+    if storage and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        db = storage.removeprefix("sqlite:///")
+        if db and db != ":memory:":
+            cfg.search.storage = f"sqlite:///{_from_project(db, project)}"
+    return cfg
+
+
 def load_pipelines(path: str | os.PathLike | None = None) -> dict[str, PipelineConfig]:
-    """Read and validate every pipeline in the file."""
-    file = read_validated_yaml(pipelines_path(path), PipelinesFile, "pipelines", "pipelines file", "SHRINKFLOW_PIPELINES")
-    return file.pipelines  # type: ignore[attr-defined]
+    """Read and validate every pipeline in the file; relative paths in it count from its folder."""
+    source = pipelines_path(path)
+    file = read_validated_yaml(source, PipelinesFile, "pipelines", "pipelines file", "SHRINKFLOW_PIPELINES")
+    pipelines: dict[str, PipelineConfig] = file.pipelines  # type: ignore[attr-defined]
+    for cfg in pipelines.values():
+        resolve_project_paths(cfg, source)
+    return pipelines
 
 
 def load_pipeline(name: str, path: str | os.PathLike | None = None) -> PipelineConfig:

@@ -8,10 +8,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.config import read_validated_yaml
+from tasks.config import PipelineConfig, project_dir, read_validated_yaml
 from tasks.errors import ConfigError
 
 DEFAULT_DEVICES_FILE = "infra/devices.yaml"
+# shrinkflow's own registry: the fallback for a project that has none.
+REPO_DEVICES_FILE = Path(__file__).resolve().parent.parent / DEFAULT_DEVICES_FILE
 
 
 class _Strict(BaseModel):
@@ -67,9 +69,20 @@ class DevicesFile(_Strict):
     devices: dict[str, Device]
 
 
-def devices_path(path: str | os.PathLike | None = None) -> Path:
-    """The devices file: the argument, $SHRINKFLOW_DEVICES, or ./infra/devices.yaml."""
-    return Path(path or os.environ.get("SHRINKFLOW_DEVICES") or DEFAULT_DEVICES_FILE)
+def devices_path(path: str | os.PathLike | None = None, *, project: Path | None = None) -> Path:
+    """The devices file: the argument, $SHRINKFLOW_DEVICES, the project's infra/devices.yaml, or shrinkflow's own.
+
+    project: the folder of the pipelines file (default: that of $SHRINKFLOW_PIPELINES or ./pipelines.yaml).
+    """
+    if path or os.environ.get("SHRINKFLOW_DEVICES"):
+        return Path(path or os.environ["SHRINKFLOW_DEVICES"])
+    own = (project or project_dir()) / DEFAULT_DEVICES_FILE
+    return own if own.is_file() else REPO_DEVICES_FILE
+
+
+def registry_of(cfg: PipelineConfig) -> Path:
+    """The device registry a pipeline's targets are looked up in (resolved from its project, not the cwd)."""
+    return devices_path(project=project_dir(cfg))
 
 
 def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:

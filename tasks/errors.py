@@ -86,3 +86,7 @@ def is_transient(exc: BaseException) -> bool:
         # `raise X from None` says the earlier error is not the cause: do not follow it.
         cur = cur.__cause__ if cur.__cause__ is not None else None if cur.__suppress_context__ else cur.__context__
     return False
+
+
+class ServiceError(TransientError):
+    """A service a run needs (the Optuna study storage, the MLflow tracking server) does not answer."""

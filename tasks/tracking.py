@@ -25,11 +25,29 @@ def tracking_uri(paths: RunPaths) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
 
 
+# MLflow's own defaults wait 120 s per request and retry 7 times with backoff 2 (about 4 minutes on a
+# dead server, per call). A stage must fail in bounded time when its server goes away mid-run.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+
+
+def bound_http_requests(uri: str) -> None:
+    """Set HTTP_DEFAULTS for a server URI, unless the user set them (MLflow reads them per request)."""
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+
+
 def _client(paths: RunPaths):
     # A client, not mlflow.set_tracking_uri: that call also exports MLFLOW_TRACKING_URI to the process.
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(paths), registry_uri=tracking_uri(paths))
+    uri = tracking_uri(paths)
+    bound_http_requests(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def experiment_id(paths: RunPaths) -> str:

@@ -24,6 +24,16 @@ def workspace_root(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get("SHRINKFLOW_HOME") or ".shrinkflow").resolve()
 
 
+def project_workspace(path: str | os.PathLike | None = None, config_path: str | os.PathLike | None = None) -> Path:
+    """The workspace of a project: the argument, $SHRINKFLOW_HOME, or .shrinkflow beside the pipelines file
+    (so `shrinkflow --config /elsewhere/p.yaml ...` keeps its artifacts in /elsewhere, whatever the cwd)."""
+    from tasks.config import project_dir
+
+    if path or os.environ.get("SHRINKFLOW_HOME"):
+        return workspace_root(path)
+    return project_dir(path=config_path) / ".shrinkflow"
+
+
 def sanitize_run_id(run_id: str) -> str:
     """A run id safe as a folder name (Airflow run ids carry ':' and '+')."""
     clean = _RUN_ID_OK.sub("-", run_id).strip("-.")

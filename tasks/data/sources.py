@@ -54,23 +54,31 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
-@register_source("fashion_mnist")
-def fashion_mnist(cfg: DataConfig):
+FASHION_FILES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def fashion_root(cfg: DataConfig) -> Path:
+    """The folder holding Fashion-MNIST's four idx files; a DatasetError naming the fix when one is missing."""
     root = Path(cfg.path) if cfg.path else FASHION_DIR
-    files = {
-        "x_train": "train-images-idx3-ubyte.gz",
-        "y_train": "train-labels-idx1-ubyte.gz",
-        "x_test": "t10k-images-idx3-ubyte.gz",
-        "y_test": "t10k-labels-idx1-ubyte.gz",
-    }
-    missing = [n for n in files.values() if not (root / n).exists()]
+    missing = [n for n in FASHION_FILES.values() if not (root / n).exists()]
     if missing:
         raise DatasetError(
             f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}). "
             "Install it with 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu), "
             "or set data.path to a folder holding the four idx .gz files."
         )
-    arr = {k: read_idx(root / n) for k, n in files.items()}
+    return root
+
+
+@register_source("fashion_mnist")
+def fashion_mnist(cfg: DataConfig):
+    root = fashion_root(cfg)
+    arr = {k: read_idx(root / n) for k, n in FASHION_FILES.items()}
     x_train, x_test = arr["x_train"][:, None], arr["x_test"][:, None]
     return x_train, arr["y_train"].astype(np.int64), x_test, arr["y_test"].astype(np.int64), FASHION_CLASSES, {
         "origin": str(root)

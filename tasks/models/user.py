@@ -22,10 +22,21 @@ def import_factory(spec: str):
             f"cannot import {mod_name!r} for model.factory {spec!r} ({e}); make the module importable "
             "(install your package or run from its folder)"
         ) from e
+    except Exception as e:  # the module itself fails while importing: its error, not a bare traceback
+        raise ModelLoadError(
+            f"importing {mod_name!r} for model.factory {spec!r} failed: {type(e).__name__}: {e}. "
+            "Fix the module so that it imports."
+        ) from e
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ModelLoadError(f"{mod_name!r} has no callable {fn_name!r} (model.factory {spec!r})")
     return fn
+
+
+def arch_of(model_cfg: Any) -> dict[str, Any]:
+    """The arch record of a pipeline's model section: zoo name or factory, and kwargs."""
+    m = model_cfg
+    return {"name": m.name, "kwargs": m.kwargs} if m.name else {"factory": m.factory, "kwargs": m.kwargs}
 
 
 def build_arch(arch: dict[str, Any], *, in_channels: int, num_classes: int) -> nn.Module:
@@ -40,6 +51,11 @@ def build_arch(arch: dict[str, Any], *, in_channels: int, num_classes: int) -> n
         model = fn(**kwargs)
     except TypeError as e:
         raise ModelLoadError(f"model.factory {arch['factory']!r} rejected kwargs {kwargs}: {e}") from e
+    except Exception as e:  # the user's code: report it as a model error, not a bare traceback
+        raise ModelLoadError(
+            f"model.factory {arch['factory']!r} raised {type(e).__name__}: {e} when called with kwargs "
+            f"{kwargs}. Fix the factory or model.kwargs in pipelines.yaml."
+        ) from e
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"model.factory {arch['factory']!r} returned {type(model).__name__}, not an nn.Module")
     return model

@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tasks.config import PipelineConfig
+from tasks.devices import registry_of
 from tasks.errors import ConfigError, StageError
 from tasks.progress import say
 from tasks.search import study as st
@@ -115,7 +116,8 @@ def prepare(cfg: PipelineConfig, paths: RunPaths, *, worker: int = 0, tracker: b
     if tracker:
         with st.claim_lock(url, f"{st.study_name(paths)}:mlflow"):  # one search run, however many workers start
             trials_tracker = tracking.TrialTracker(paths, tracking.stage_run_id(paths, "search"))
-    latency = LatencyCache(paths.root / "cache" / f"latency-{cfg.goal.device}.json", cfg.goal.device)
+    latency = LatencyCache(paths.root / "cache" / f"latency-{cfg.goal.device}.json", cfg.goal.device,
+                           registry_of(cfg))
     runner = TrialRunner(cfg, base, splits, space, latency, tracker=trials_tracker, worker=worker)
     study = st.open_study(cfg.search, paths, runner.directions, worker)
     session = Session(cfg, paths, space, study, runner, url, sens)

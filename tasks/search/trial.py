@@ -44,8 +44,8 @@ class LatencyCache:
       TVM build run over RPC on a remote device (`measure`).
     """
 
-    def __init__(self, path: Path, device: str = "host"):
-        self.path, self.device = path, device
+    def __init__(self, path: Path, device: str = "host", registry: Path | None = None):
+        self.path, self.device, self.registry = path, device, registry
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
 
     @staticmethod
@@ -86,7 +86,7 @@ class LatencyCache:
     def _measure_now(self, base: nn.Module, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         from tasks.devices import get_device
 
-        device = get_device(self.device)
+        device = get_device(self.device, self.registry)
         if device.rpc is None:
             ratio, ms_base, ms = latency_reduction(base, model, x, repeat=60, warmup=5)
             return {"latency_reduction": ratio, "latency_ms": ms, "base_latency_ms": ms_base, "engine": "pytorch"}

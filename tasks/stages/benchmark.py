@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.devices import Device, get_device
+from tasks.devices import Device, get_device, registry_of
 from tasks.engines.onnx_runtime import load_onnx
 from tasks.engines.pytorch_eager import TorchRunner
 from tasks.engines.timing import set_threads, time_interleaved
@@ -49,7 +49,7 @@ def _runners(ctx: StageContext, threads: int) -> dict[tuple[str, str, str], Any]
                 out[(which, "onnxruntime_int8", "host")] = load_onnx(int8, threads)
         if "tvm" in engines:
             for name in ctx.cfg.targets:
-                device = get_device(name)
+                device = get_device(name, registry_of(ctx.cfg))
                 if device.rpc is None and not device.is_fpga:  # RPC devices: _remote; FPGA: _fpga
                     out[(which, "tvm", name)] = load_tvm(compiled / which / name)
     return out
@@ -58,7 +58,7 @@ def _runners(ctx: StageContext, threads: int) -> dict[tuple[str, str, str], Any]
 def _remote_devices(ctx: StageContext) -> list[Device]:
     if "tvm" not in ctx.cfg.benchmark.engines:
         return []
-    return [d for d in (get_device(n) for n in ctx.cfg.targets) if d.rpc is not None and not d.is_fpga]
+    return [d for d in (get_device(n, registry_of(ctx.cfg)) for n in ctx.cfg.targets) if d.rpc is not None and not d.is_fpga]
 
 
 def _fpga(ctx: StageContext, device: Device, x_test: np.ndarray, y_test: np.ndarray,
@@ -186,7 +186,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         checks += c
         rows += r
     fpga = {}
-    fpga_devices = [d for d in (get_device(n) for n in ctx.cfg.targets) if d.is_fpga]
+    fpga_devices = [d for d in (get_device(n, registry_of(ctx.cfg)) for n in ctx.cfg.targets) if d.is_fpga]
     if fpga_devices:  # the FPGA implements the quantized model: that is its reference
         q_ref = _logits(TorchRunner(deployed_model(ctx, models["compressed"])), x_test, check_batch)
     for device in fpga_devices:

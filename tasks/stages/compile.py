@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.devices import get_device
+from tasks.devices import get_device, registry_of
 from tasks.engines.onnx_int8 import quantize_onnx_int8
 from tasks.engines.onnx_runtime import export_onnx
 from tasks.engines.pad_channels import pad_channels
@@ -73,13 +73,13 @@ def estimate_line(est: dict[str, Any]) -> str:
             f"{1000 / est['clock_period_ns']:.0f} MHz" + (f", {tput:,.0f} images/s" if tput else ""))
 
 
-def host_lanes() -> int:
+def host_lanes(registry: Path | None = None) -> int:
     """float32 lanes of this machine's vector registers (8 on AVX2, 16 on AVX-512)."""
     import tvm
 
     from tasks.engines.tvm_schedule import vector_lanes
 
-    return vector_lanes(tvm.target.Target(get_device("host").tvm_target()))
+    return vector_lanes(tvm.target.Target(get_device("host", registry).tvm_target()))
 
 
 def tuning_db(ctx: StageContext, device: str) -> Path:
@@ -106,7 +106,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     for which, model in models.items():
         entry: dict[str, Any] = {"targets": {}}
         for name in ctx.cfg.targets:
-            device = get_device(name)
+            device = get_device(name, registry_of(ctx.cfg))
             if device.is_fpga:
                 if which == "compressed":
                     entry["targets"][name] = _fpga(ctx, model, example, out / which / name, device)
@@ -131,7 +131,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
                 ctx.tracker.metrics({f"{which}.{name}.tvm_tuning_seconds": meta["tuning"]["seconds"]})
         # ONNX Runtime's CPU kernels block channels by the vector width too: padded pruned widths ran
         # its fp32 model 1.4-1.7x and its int8 model 1.6-2.2x faster at batch 32 here (exact zeros).
-        onnx_model, onnx_pad = (pad_channels(model, example, host_lanes()) if cc.pad_channels
+        onnx_model, onnx_pad = (pad_channels(model, example, host_lanes(registry_of(ctx.cfg))) if cc.pad_channels
                                 else (model, {"padded": False}))
         onnx_meta = export_onnx(onnx_model, example, out / which / "model.onnx")
         onnx_meta["channel_padding"] = onnx_pad

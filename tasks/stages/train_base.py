@@ -11,7 +11,7 @@ from torch import nn
 from compression_ops import TrainSpec, evaluate, fit
 from tasks.errors import ModelLoadError
 from tasks.models.checkpoint import load_weights_strict, save_checkpoint
-from tasks.models.user import build_arch, read_weights
+from tasks.models.user import arch_of, build_arch, read_weights
 from tasks.progress import epoch_bar, say
 from tasks.stages.context import StageContext
 from tasks.stages.measure import measure_model
@@ -19,8 +19,7 @@ from tasks.workspace import write_json
 
 
 def arch_record(ctx: StageContext) -> dict[str, Any]:
-    m = ctx.cfg.model
-    return {"name": m.name, "kwargs": m.kwargs} if m.name else {"factory": m.factory, "kwargs": m.kwargs}
+    return arch_of(ctx.cfg.model)
 
 
 def check_io(model: nn.Module, input_shape: list[int], num_classes: int, what: str) -> None:

@@ -1,0 +1,254 @@
+"""`shrinkflow check`: everything about a pipeline that is knowable without training, checked in seconds.
+
+The pipelines file, the op configs and their order, the targets against the device registry, the
+user's model (imports, builds, takes the data's shape, matches its weights), the data source, and the
+services (study storage, MLflow server, RPC devices), each bounded in time. The first problem raises
+the error a stage would have raised hours later, with the field and the fix. `shrinkflow run` and the
+DAG's start task call it before the first stage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.config import PipelineConfig, load_pipeline, pipelines_path, resolve_project_paths
+from tasks.errors import ConfigError, DeviceError, ModelLoadError
+
+# The stages apply a plan by phase (compress: structure ops; fine-tune: train ops; then post ops).
+PHASES = ("structure", "train", "post")
+WEIGHTS_URI = re.compile(r"^(models:/[^/@\s]+(@[A-Za-z0-9_.-]+|/\d+)|runs:/[0-9a-zA-Z]+/\S+)$")
+TCP_TIMEOUT_S = 5.0
+
+
+def check_pipeline(
+    name: str,
+    config_path: str | os.PathLike | None = None,
+    *,
+    workspace: str | os.PathLike | None = None,
+    services: bool = True,
+    overrides: dict[str, Any] | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Check one pipeline; returns the lines checked (each also passed to `echo`), raises on the first problem.
+
+    services: False skips the network (study storage, MLflow server, RPC devices).
+    """
+    lines: list[str] = []
+
+    def ok(line: str) -> None:
+        lines.append(line)
+        if echo is not None:
+            echo(line)
+
+    cfg = load_pipeline(name, config_path)
+    if overrides:
+        from tasks.config import apply_overrides  # owner: the dag helper (issue 11, trigger params)
+
+        source = cfg._pipelines_file
+        cfg = apply_overrides(cfg, overrides)
+        if cfg._pipelines_file is None and source is not None:  # re-validation drops the private field
+            resolve_project_paths(cfg, source)
+    ok(f"pipelines file {pipelines_path(config_path).resolve()}: pipeline {name!r} is valid")
+    ok(_check_devices(cfg))
+    if services:
+        for line in _check_rpc_devices(cfg):
+            ok(line)
+    probe, line = _check_data(cfg)
+    ok(line)
+    model, line = _check_model(cfg, probe)
+    ok(line)
+    ok(_check_weights(cfg, model))
+    ok(_check_plan(cfg, model, probe))
+    if services:
+        from tasks.workspace import project_workspace
+
+        ws = project_workspace(workspace, config_path)
+        ok(_check_study_storage(cfg, ws))
+        ok(_check_tracking(ws))
+    return lines
+
+
+def _where(cfg: PipelineConfig) -> str:
+    return f"pipeline {cfg.name!r}"
+
+
+def _check_devices(cfg: PipelineConfig) -> str:
+    """targets and goal.device name devices of the registry; the toolchain each needs is installed."""
+    from tasks.devices import load_devices, registry_of
+
+    registry = registry_of(cfg)
+    devices = load_devices(registry)
+    known = ", ".join(sorted(devices)) or "(none)"
+    for field, names in (("targets", cfg.targets), ("goal.device", [cfg.goal.device])):
+        for n in names:
+            if n not in devices:
+                raise ConfigError(
+                    f"{_where(cfg)}: {field}: unknown device {n!r}; {registry} declares: {known}. "
+                    f"Use one of these in {field} or add the device to the registry."
+                )
+    for n in cfg.targets:
+        tool = _toolchain(devices[n])
+        if tool is not None and shutil.which(tool[0]) is None:
+            raise ConfigError(
+                f"{_where(cfg)}: target {n!r} needs {tool[0]!r}, which is not on PATH; install it "
+                f"(Debian: apt-get install {tool[1]}) or remove {n} from targets"
+            )
+    return f"targets {', '.join(cfg.targets)} and goal.device {cfg.goal.device}: declared in {registry}"
+
+
+def _toolchain(device: Any) -> tuple[str, str] | None:
+    """(program, Debian package) a target's build needs on this machine, as the compile stage picks it."""
+    if device.is_fpga:
+        return ("g++", "g++")  # the C simulation of the HLS project
+    from tasks.engines.tvm_build import CROSS_COMPILER_PACKAGES, runs_on_host
+
+    cc = device.cross_compiler
+    if cc is None and not runs_on_host(device.target) and device.target.get("mtriple"):
+        cc = f"{device.target['mtriple']}-gcc"
+    return None if cc is None else (cc, CROSS_COMPILER_PACKAGES.get(cc, "the cross gcc for this target"))
+
+
+def _check_rpc_devices(cfg: PipelineConfig) -> list[str]:
+    """Each RPC target's server (or tracker) accepts a TCP connection."""
+    from tasks.devices import load_devices, registry_of
+
+    devices = load_devices(registry_of(cfg))
+    lines = []
+    for n in cfg.targets:
+        rpc = devices[n].rpc
+        if rpc is None or devices[n].is_fpga:
+            continue
+        try:
+            socket.create_connection((rpc.host, rpc.port), timeout=TCP_TIMEOUT_S).close()
+        except OSError as e:
+            raise DeviceError(
+                f"{_where(cfg)}: target {n!r}: its TVM RPC {'tracker' if rpc.key else 'server'} "
+                f"{rpc.host}:{rpc.port} is unreachable ({e.strerror or e}). Start it (the emulated ARM device: "
+                f"`make arm-device`), fix rpc: in the device registry, or remove {n} from targets"
+            ) from None
+        lines.append(f"device {n}: TVM RPC {rpc.host}:{rpc.port} reachable")
+    return lines
+
+
+def _check_data(cfg: PipelineConfig):
+    from tasks.data.probe import probe_data
+
+    probe = probe_data(cfg.data)
+    shape = "x".join(map(str, probe.input_shape))
+    return probe, f"data {cfg.data.source} ({probe.origin}): images {shape}, {probe.num_classes} classes"
+
+
+def _check_model(cfg: PipelineConfig, probe: Any):
+    """The model builds (zoo name or user factory), takes the data's images and returns [N, classes]."""
+    import torch
+
+    from tasks.models.user import arch_of, build_arch
+    from tasks.stages.train_base import check_io
+
+    m = cfg.model
+    what = f"model {m.name or m.factory}"
+    torch.manual_seed(cfg.train.seed)
+    model = build_arch(arch_of(m), in_channels=probe.input_shape[0], num_classes=probe.num_classes)
+    check_io(model, probe.input_shape, probe.num_classes, what)
+    n_params = sum(p.numel() for p in model.parameters())
+    return model, f"{what}: builds ({n_params:,} parameters), takes [N, {', '.join(map(str, probe.input_shape))}]" \
+                  f" and returns [N, {probe.num_classes}]"
+
+
+def _check_weights(cfg: PipelineConfig, model: Any) -> str:
+    """model.weights: a file whose state_dict fits the model, or a well-formed MLflow URI."""
+    from tasks.models.checkpoint import load_weights_strict
+    from tasks.models.user import read_weights
+
+    weights = cfg.model.weights
+    if not weights:
+        return "weights: none (train_base trains the model)"
+    if weights.startswith(("models:/", "runs:/")):
+        if not WEIGHTS_URI.match(weights):
+            raise ModelLoadError(
+                f"{_where(cfg)}: model.weights {weights!r} is not a valid MLflow URI; write "
+                "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<path>"
+            )
+        return _check_weights_uri(cfg, model, weights)
+    load_weights_strict(model, read_weights(weights), source=weights)
+    return f"weights {weights}: match the model"
+
+
+def _check_weights_uri(cfg: PipelineConfig, model: Any, uri: str) -> str:
+    # LEAD: the one call site for MLflow-held weights. Once tasks/models/sources.py is merged, resolve here:
+    #     base = resolve_base(cfg.model, workspace); load_weights_strict(model, base.state_dict(), base.resolved)
+    # and return f"weights {uri} -> {base.resolved}: match the model". Until then only the form is checked.
+    return f"weights {uri}: a well-formed MLflow URI (resolved by train_base)"
+
+
+def _check_plan(cfg: PipelineConfig, model: Any, probe: Any) -> str:
+    """The plan's op configs, built as the search (n_trials > 0) or compress stage builds them, in phase order."""
+    import torch
+
+    if cfg.search.n_trials > 0:
+        from tasks.search.space import SearchSpace
+
+        space = SearchSpace(cfg, model, torch.zeros(1, *probe.input_shape), None)
+        plan, _ = space.build(space.defaults())
+        how = f"searched over {len(space.searched)} parameters"
+    else:
+        from tasks.stages.plan import plan_from_config
+
+        plan = plan_from_config(cfg)
+        how = "as written (search.n_trials: 0)"
+    check_plan_order(cfg, [op for op in plan if op.phase != "finetune"])
+    ops = " -> ".join(op.op for op in plan if op.phase != "finetune") or "(no ops)"
+    distill = ", distillation in fine-tuning" if any(op.phase == "finetune" for op in plan) else ""
+    return f"compression plan: {ops}{distill}; {how}"
+
+
+def check_plan_order(cfg: PipelineConfig, ops: list[Any]) -> None:
+    """Ops listed in the order the stages apply them: structure, then train, then post-training ops."""
+    for i in range(1, len(ops)):
+        prev, op = ops[i - 1], ops[i]
+        if PHASES.index(op.phase) < PHASES.index(prev.phase):
+            raise ConfigError(
+                f"{_where(cfg)}: compression.plan[{i}] ({op.op}, a {op.phase} op) comes after plan[{i - 1}] "
+                f"({prev.op}, a {prev.phase} op), but the stages apply {', then '.join(PHASES)} ops. "
+                f"Move {op.op} before {prev.op} in compression.plan."
+            )
+
+
+def _check_study_storage(cfg: PipelineConfig, ws: Path) -> str:
+    """A server study storage (search.storage or $SHRINKFLOW_OPTUNA_STORAGE) answers within ~10 s."""
+    from tasks.services import check_database
+
+    if cfg.search.n_trials == 0:
+        return "study storage: not used (search.n_trials: 0)"
+    url = cfg.search.storage or os.environ.get("SHRINKFLOW_OPTUNA_STORAGE")
+    if cfg.search.workers > 1 and (not url or url.startswith("sqlite")):
+        raise ConfigError(
+            f"{_where(cfg)}: search.workers={cfg.search.workers} share one study, and the storage is SQLite, "
+            "which workers on other machines cannot reach: set search.storage (or $SHRINKFLOW_OPTUNA_STORAGE) "
+            "to postgresql+psycopg2://user@host:5432/db"
+        )
+    if not url:
+        return f"study storage: SQLite in the workspace ({ws / 'optuna.db'})"
+    field = "search.storage" if cfg.search.storage else "$SHRINKFLOW_OPTUNA_STORAGE"
+    if url.startswith("sqlite"):
+        return f"study storage ({field}): {url}"
+    return check_database(
+        url, f"Optuna study storage ({field})",
+        f"Start the database, or point {field} at one that runs (e.g. "
+        "postgresql+psycopg2://postgres@127.0.0.1:5432/test); without either, the study lives in SQLite "
+        "in the workspace",
+    )
+
+
+def _check_tracking(ws: Path) -> str:
+    """$MLFLOW_TRACKING_URI, when it names a server or a database, answers within ~10 s."""
+    from tasks.services import check_tracking
+
+    line = check_tracking(os.environ.get("MLFLOW_TRACKING_URI"))
+    return line if os.environ.get("MLFLOW_TRACKING_URI") else f"{line} ({ws / 'mlflow.db'})"
