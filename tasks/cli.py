@@ -35,7 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.no_airflow:
         from tasks.stages import run_stage
 
-        # What the DAG's start task does: check, and record the overrides in run.json for the stages.
+        # What the DAG's start task does (checked above): record the overrides and force in run.json.
         run_id = start_run(args.pipeline, conf, default_run_id=run_id, stages=STAGES, config_path=args.config,
                            workspace=args.workspace, check=False)
         for stage in STAGES:
