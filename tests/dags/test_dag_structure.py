@@ -35,6 +35,7 @@ PIPELINES = textwrap.dedent(
       manual:
         data: {source: synthetic}
         model: {name: resnet8}
+        goal: {speedup: 2.0, metric: macs}
       fanout:
         data: {source: synthetic}
         model: {name: resnet8}
