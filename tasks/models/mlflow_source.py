@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import re
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from tasks.models.sources import ResolvedBase, read_artifact, register_source, s
 _MODELS = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))/?$")
 _RUNS = re.compile(r"^runs:/(?P<run>[0-9A-Za-z_-]+)/(?P<path>.+)$")
 PROBE_TIMEOUT_S = 10
+DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 T = TypeVar("T")
 
 
@@ -45,18 +47,35 @@ def redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def probe(uri: str, weights: str) -> None:
+    """Fail within ~10 s when the registry's server or database does not answer (MLflow itself retries for minutes)."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]
+    try:
+        if scheme in ("http", "https"):
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
+            except urllib.error.HTTPError:
+                pass  # something answered: MLflow's own calls report what is wrong
+        elif scheme in DB_PORTS and parts.hostname:
+            socket.create_connection((parts.hostname, parts.port or DB_PORTS[scheme]), timeout=PROBE_TIMEOUT_S).close()
+    except (urllib.error.URLError, OSError) as e:
+        raise ModelLoadError(_unreachable(uri, weights, getattr(e, "reason", e))) from e
+
+
 def client_for(uri: str, weights: str):
-    """An MlflowClient on one tracking/registry URI, after checking a server answers (within ~10 s)."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
-        except urllib.error.HTTPError:
-            pass  # something answered: MLflow's own calls report what is wrong
-        except (urllib.error.URLError, OSError) as e:
-            raise ModelLoadError(_unreachable(uri, weights, getattr(e, "reason", e))) from e
+    """An MlflowClient on one tracking/registry URI, after checking that its server answers."""
+    probe(uri, weights)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except ImportError as e:
+        raise ModelLoadError(f"MLflow cannot open the registry at {redact(uri)} ({e}) while resolving model.weights "
+                             f"{weights!r}; install that database driver or name one in the URI, e.g. "
+                             "postgresql+psycopg2://") from e
+    except Exception as e:  # the database refused us
+        raise ModelLoadError(_unreachable(uri, weights, f"{type(e).__name__}: {e}")) from e
 
 
 def _unreachable(uri: str, weights: str, why: object) -> str:

@@ -130,6 +130,8 @@ def test_the_same_weights_register_once(reg):
         ("models:/base/Production", r"not a version number.*use an alias"),
         ("runs:/0123456789abcdef/model", r"no MLflow run '0123456789abcdef'"),
         ("s3://bucket/w.pt", r"unsupported scheme 's3'"),
+        ("models:/base", r"'models:/base' is not a registry URI; write models:/<name>@<alias>"),
+        ("/no/such/w.pt", r"weights file /no/such/w.pt not found; fix model.weights"),
     ],
 )
 def test_registry_mistakes_name_the_uri_and_the_fix(reg, uri, match):
@@ -151,12 +153,14 @@ def test_run_artifacts_without_one_weights_file(reg):
     assert not bad  # a failed download or read keeps nothing
 
 
-def test_unreachable_registry(reg, monkeypatch):
+@pytest.mark.parametrize("server", ["http://127.0.0.1:{port}", "postgresql+psycopg2://postgres:pw@127.0.0.1:{port}/test"])
+def test_unreachable_registry(reg, monkeypatch, server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    with pytest.raises(ModelLoadError, match=rf"registry at http://127.0.0.1:{port} is unreachable .* start the MLflow"):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.format(port=port))
+    shown = re.escape(server.format(port=port).replace(":pw@", ":***@"))  # the password is not printed
+    with pytest.raises(ModelLoadError, match=rf"registry at {shown} is unreachable .* start the MLflow"):
         resolve_weights("models:/base@production", reg["ws"])
 
 
@@ -260,3 +264,17 @@ def test_train_base_refuses_an_unknown_alias_and_leaves_nothing(tmp_path, worksp
     with pytest.raises(ModelLoadError, match=r"models:/fashion-base@production: no registered model 'fashion-base'"):
         run_stage("train_base", "importer", "i1", config_path=p)
     assert not (workspace / "runs" / "importer" / "i1" / "train_base").exists()
+
+
+def test_register_base_cli_for_a_plain_state_dict(tmp_path, workspace, capsys):
+    from tasks.cli import main
+
+    net = _net(5)
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    assert main(["register-base", str(tmp_path / "w.safetensors"), "--name", "plain"]) == 2  # no architecture
+    assert "needs their architecture" in capsys.readouterr().err
+    args = ["register-base", str(tmp_path / "w.safetensors"), "--name", "plain", "--model", "resnet8",
+            "--kwargs", '{"width": 4}', "--input-shape", "1,8,8", "--num-classes", "4"]
+    assert main(args) == 0
+    assert "registered plain version 1; use it as model.weights: models:/plain/1" in capsys.readouterr().out
+    assert resolve_weights("models:/plain/1", workspace).sha256 == state_dict_sha256(net.state_dict())
