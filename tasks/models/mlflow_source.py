@@ -13,7 +13,9 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import socket
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -107,29 +109,42 @@ def cache_dir(root: Path, uri: str, pinned: str) -> Path:
     return root / "cache" / "base_models" / f"{slug}-{key}"
 
 
-def fetch(root: Path, uri: str, pinned: str, weights: str, location: str | None = None) -> tuple[Path, str]:
+def fetch(root: Path, uri: str, pinned: str, weights: str, location: str | None = None
+          ) -> tuple[Path, str, dict[str, Any] | None]:
     """Download `pinned` (from `location`, where its files are, if given) into the cache once, atomically and
-    checked to hold weights; return (local path, sha256)."""
-    from tasks.workspace import atomic_dir, read_json, write_json
+    checked to hold weights; return (local path, sha256, the state_dict when it was just read)."""
+    from tasks.workspace import read_json, write_json
 
     folder = cache_dir(root, uri, pinned)
     if (folder / "meta.json").is_file():
         meta = read_json(folder / "meta.json")
-        return folder / meta["path"], meta["sha256"]
+        return folder / meta["path"], meta["sha256"], None
     import mlflow.artifacts
 
-    with atomic_dir(folder) as scratch, _no_progress_bar():
-        dst = scratch / "artifact"
-        dst.mkdir()
-        try:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        (scratch / "artifact").mkdir()
+        with _no_progress_bar():
             local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=location or pinned, dst_path=str(dst), tracking_uri=uri, registry_uri=uri))
-        except Exception as e:
-            raise ModelLoadError(f"cannot download {pinned} (model.weights {weights!r}) from {redact(uri)}: {e}") from e
-        sha = state_dict_sha256(read_artifact(local, weights))
+                artifact_uri=location or pinned, dst_path=str(scratch / "artifact"), tracking_uri=uri, registry_uri=uri))
+        state = read_artifact(local, weights)
+        sha = state_dict_sha256(state)
         rel = local.resolve().relative_to(scratch.resolve()).as_posix()
         write_json(scratch / "meta.json", {"pinned": pinned, "registry": redact(uri), "path": rel, "sha256": sha})
-    return folder / rel, sha
+        if folder.exists() and not (folder / "meta.json").is_file():
+            shutil.rmtree(folder)  # left by hand without its meta.json: not a complete entry
+        try:
+            os.rename(scratch, folder)
+        except OSError:  # another process cached it first: keep theirs (the same pinned content)
+            shutil.rmtree(scratch, ignore_errors=True)
+    except ModelLoadError:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise ModelLoadError(f"cannot download {pinned} (model.weights {weights!r}) from {redact(uri)}: {e}") from e
+    return folder / rel, sha, state
 
 
 @contextlib.contextmanager
@@ -197,9 +212,9 @@ def resolve_models(weights: str, root: Path, tracking_uri: str | None = None) ->
     pinned = f"models:/{name}/{mv.version}"
     # MLflow resolves a models:/ download against its process-wide registry URI: ask ours where the files are.
     location = _lookup(lambda: client.get_model_version_download_uri(name, mv.version), uri, weights)
-    path, sha = fetch(root, uri, pinned, weights, location)
+    path, sha, state = fetch(root, uri, pinned, weights, location)
     return ResolvedBase(weights, pinned, sha, path, "models", version=str(mv.version), run_id=mv.run_id or None,
-                        arch=_arch_tag(dict(mv.tags or {})))
+                        arch=_arch_tag(dict(mv.tags or {})), _state=state)
 
 
 @register_source("runs")
@@ -221,5 +236,5 @@ def resolve_runs(weights: str, root: Path, tracking_uri: str | None = None) -> R
         raise ModelLoadError(f"{weights}: run {run_id} has no artifact {apath!r}; {parent or 'its root'} holds: "
                              f"{', '.join(names) or 'nothing'}. Fix the artifact path")
     pinned = f"runs:/{run_id}/{apath}"
-    path, sha = fetch(root, uri, pinned, weights)
-    return ResolvedBase(weights, pinned, sha, path, "runs", run_id=run_id)
+    path, sha, state = fetch(root, uri, pinned, weights)
+    return ResolvedBase(weights, pinned, sha, path, "runs", run_id=run_id, _state=state)

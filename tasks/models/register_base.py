@@ -62,7 +62,8 @@ def as_module(obj: nn.Module | dict[str, torch.Tensor] | str | Path, arch: dict[
         payload = None  # read_weights below says what is wrong with the file
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         model, info = load_checkpoint(path)
-        return model, {**info["arch"], **(arch or {})}, shape or info["input_shape"]
+        recorded = {**info["arch"], "input_shape": info["input_shape"], "num_classes": info["num_classes"]}
+        return model, {**recorded, **(arch or {})}, shape or info["input_shape"]
     return _from_weights(read_weights(path), arch, str(path)), arch, shape
 
 
@@ -101,13 +102,14 @@ def register_base_model(
     from tasks.workspace import workspace_root
 
     model, arch, shape = as_module(model_or_state_dict, arch)
+    example = _example(model, input_example, shape)  # before any registry call: a missing shape fails first
     root = workspace_root(workspace)
     uri = registry_uri(root, tracking_uri)
     client = client_for(uri, f"models:/{name}")
     sha = state_dict_sha256(model.state_dict())
     version = _version_with(client, name, sha)
     if version is None:
-        version = _log_and_register(client, root, model, name, sha, arch, _example(model, input_example, shape))
+        version = _log_and_register(client, root, model, name, sha, arch, example)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return version

@@ -115,7 +115,7 @@ def test_alias_and_version_pin_the_registry_version(reg):
 
 
 def test_the_same_weights_register_once(reg):
-    assert register_base_model(reg["a"], "base", workspace=reg["ws"]) == "1"
+    assert register_base_model(reg["a"], "base", input_example=torch.zeros(2, 1, 8, 8), workspace=reg["ws"]) == "1"
     assert resolve_weights("models:/base@production", reg["ws"]).version == "1"
 
 
@@ -278,3 +278,9 @@ def test_register_base_cli_for_a_plain_state_dict(tmp_path, workspace, capsys):
     assert main(args) == 0
     assert "registered plain version 1; use it as model.weights: models:/plain/1" in capsys.readouterr().out
     assert resolve_weights("models:/plain/1", workspace).sha256 == state_dict_sha256(net.state_dict())
+
+
+def test_register_needs_an_input_shape_or_example(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"needs its input shape: pass input_example"):
+        register_base_model(_net(0), "x", workspace=tmp_path / "ws")
+    assert not (tmp_path / "ws").exists()  # failed before touching the registry
