@@ -63,7 +63,7 @@ def check_pipeline(
     ok(line)
     model, line = _check_model(cfg, probe)
     ok(line)
-    ok(_check_weights(cfg, model))
+    ok(_check_weights(cfg, model, workspace, config_path))
     ok(_check_plan(cfg, model, probe))
     if services:
         from tasks.workspace import project_workspace
@@ -161,7 +161,8 @@ def _check_model(cfg: PipelineConfig, probe: Any):
                   f" and returns [N, {probe.num_classes}]"
 
 
-def _check_weights(cfg: PipelineConfig, model: Any) -> str:
+def _check_weights(cfg: PipelineConfig, model: Any, workspace: str | os.PathLike | None,
+                   config_path: str | os.PathLike | None) -> str:
     """model.weights: a file whose state_dict fits the model, or a well-formed MLflow URI."""
     from tasks.models.checkpoint import load_weights_strict
     from tasks.models.user import read_weights
@@ -175,16 +176,21 @@ def _check_weights(cfg: PipelineConfig, model: Any) -> str:
                 f"{_where(cfg)}: model.weights {weights!r} is not a valid MLflow URI; write "
                 "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<path>"
             )
-        return _check_weights_uri(cfg, model, weights)
+        return _check_weights_uri(cfg, model, weights, workspace, config_path)
     load_weights_strict(model, read_weights(weights), source=weights)
     return f"weights {weights}: match the model"
 
 
-def _check_weights_uri(cfg: PipelineConfig, model: Any, uri: str) -> str:
-    # LEAD: the one call site for MLflow-held weights. Once tasks/models/sources.py is merged, resolve here:
-    #     base = resolve_base(cfg.model, workspace); load_weights_strict(model, base.state_dict(), base.resolved)
-    # and return f"weights {uri} -> {base.resolved}: match the model". Until then only the form is checked.
-    return f"weights {uri}: a well-formed MLflow URI (resolved by train_base)"
+def _check_weights_uri(cfg: PipelineConfig, model: Any, uri: str, workspace: str | os.PathLike | None,
+                       config_path: str | os.PathLike | None) -> str:
+    """Weights held by MLflow: resolved (alias -> version, downloaded once to the workspace cache) and matched."""
+    from tasks.models.checkpoint import load_weights_strict
+    from tasks.models.sources import resolve_base
+    from tasks.workspace import project_workspace
+
+    base = resolve_base(cfg.model, project_workspace(workspace, config_path))
+    load_weights_strict(model, base.state_dict(), source=base.resolved)
+    return f"weights {uri} -> {base.resolved} (sha256 {base.sha256[:12]}): match the model"
 
 
 def _check_plan(cfg: PipelineConfig, model: Any, probe: Any) -> str:

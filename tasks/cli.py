@@ -130,6 +130,29 @@ def _cmd_search_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_register_base(args: argparse.Namespace) -> int:
+    from tasks.errors import ConfigError
+    from tasks.models.register_base import register_base_model
+
+    arch = None
+    if args.model or args.factory:
+        try:
+            kwargs = json.loads(args.kwargs or "{}")
+        except ValueError as e:
+            raise ConfigError(f"--kwargs {args.kwargs!r} is not JSON ({e}); write e.g. --kwargs '{{\"width\": 16}}'") from e
+        arch = {"name": args.model} if args.model else {"factory": args.factory}
+        arch["kwargs"] = kwargs
+        if args.input_shape:
+            arch["input_shape"] = [int(x) for x in args.input_shape.split(",")]
+        if args.num_classes:
+            arch["num_classes"] = args.num_classes
+    version = register_base_model(args.weights, args.name, alias=args.alias, arch=arch, workspace=args.workspace)
+    ref = f"models:/{args.name}@{args.alias}" if args.alias else f"models:/{args.name}/{version}"
+    print(f"registered {args.name} version {version}{f' as @{args.alias}' if args.alias else ''}; "
+          f"use it as model.weights: {ref}")
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from tasks.airflow_services import up
 
@@ -192,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-trials", type=int, help="at most this many trials here (default: until the budget is spent)")
     w.add_argument("--setup", action="store_true", help="only prepare the study (scan, warm starts) and exit")
     w.set_defaults(fn=_cmd_search_worker)
+
+    rb = sub.add_parser("register-base", help="register a base model (checkpoint or weights) in the MLflow registry")
+    rb.add_argument("weights", help="a shrinkflow checkpoint (a run's train_base/model.pt) or a .pt/.safetensors state_dict")
+    rb.add_argument("--name", required=True, help="registered model name, e.g. fashion-base")
+    rb.add_argument("--alias", help="move this alias to the version, e.g. production")
+    arch = rb.add_mutually_exclusive_group()
+    arch.add_argument("--model", help="zoo model of a plain state_dict, e.g. resnet8")
+    arch.add_argument("--factory", help="user model of a plain state_dict, 'module:function'")
+    rb.add_argument("--kwargs", help="the model's kwargs as JSON, e.g. '{\"width\": 16}'")
+    rb.add_argument("--input-shape", help="C,H,W of one input, e.g. 1,28,28 (for a plain state_dict)")
+    rb.add_argument("--num-classes", type=int, help="classes (for a zoo model's plain state_dict)")
+    rb.set_defaults(fn=_cmd_register_base)
 
     u = sub.add_parser("up", help="start Airflow (scheduler, UI) and the MLflow UI on 127.0.0.1 until Ctrl-C")
     u.add_argument("--port", type=int, help="Airflow's port (default $AIRFLOW__API__PORT or 8080)")

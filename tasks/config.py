@@ -45,7 +45,10 @@ class ModelConfig(_Strict):
     name: str | None = Field(None, description="a model from the zoo, e.g. resnet8 or mobilenet_tiny")
     factory: str | None = Field(None, description="a user model as 'module:function'")
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = Field(None, description="weights of a user model (.pt state_dict or .safetensors)")
+    weights: str | None = Field(
+        None, description="the base's weights: a .pt state_dict or .safetensors file, models:/<name>@<alias>, "
+        "models:/<name>/<version> or runs:/<run_id>/<path> (MLflow); the architecture comes from name/factory",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:

@@ -121,11 +121,8 @@ def weights_identity(cfg: PipelineConfig, workspace: Path) -> str | None:
     """The base weights' identity (model.weights): a file's sha256, or a registry version and its sha256."""
     w = cfg.model.weights
     if w.startswith(("models:/", "runs:/")):
-        # MERGE(sources): the one call site for registry and run URIs; tasks.models.sources owns resolve_base.
-        try:
-            from tasks.models.sources import resolve_base
-        except ImportError:
-            return None
+        from tasks.models.sources import resolve_base
+
         base = resolve_base(cfg.model, workspace)
         return f"{base.resolved}@{base.sha256}"
     p = Path(w).expanduser()

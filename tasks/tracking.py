@@ -20,9 +20,14 @@ TAG_STAGE = "shrinkflow.stage"
 TAG_PIPELINE = "shrinkflow.pipeline"
 
 
+def workspace_tracking_uri(root: Path) -> str:
+    """$MLFLOW_TRACKING_URI (a server, PostgreSQL) or SQLite in the workspace folder `root`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root) / 'mlflow.db'}"
+
+
 def tracking_uri(paths: RunPaths) -> str:
     """$MLFLOW_TRACKING_URI (a server, PostgreSQL) or SQLite in the workspace."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
+    return workspace_tracking_uri(paths.root)
 
 
 # MLflow's own defaults wait 120 s per request and retry 7 times with backoff 2 (about 4 minutes on a
@@ -51,14 +56,18 @@ def _client(paths: RunPaths):
 
 
 def experiment_id(paths: RunPaths) -> str:
-    client = _client(paths)
-    name = f"shrinkflow/{paths.pipeline}"
+    return ensure_experiment(_client(paths), paths.root, f"shrinkflow/{paths.pipeline}", paths.pipeline)
+
+
+def ensure_experiment(client, root: Path, name: str, folder: str) -> str:
+    """The id of experiment `name`, created if missing; with the embedded SQLite default its artifacts
+    go to the workspace's mlartifacts/<folder>."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
-    if tracking_uri(paths) == f"sqlite:///{paths.mlflow_db}":  # embedded default: artifacts beside the DB
-        location = (paths.mlflow_artifacts / paths.pipeline).as_uri()
+    if client.tracking_uri == f"sqlite:///{Path(root) / 'mlflow.db'}":  # embedded default: artifacts beside the DB
+        location = (Path(root) / "mlartifacts" / folder).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # another worker created it first

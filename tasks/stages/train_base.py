@@ -10,8 +10,9 @@ from torch import nn
 
 from compression_ops import TrainSpec, evaluate, fit
 from tasks.errors import ModelLoadError
-from tasks.models.checkpoint import load_weights_strict, save_checkpoint
-from tasks.models.user import arch_of, build_arch, read_weights
+from tasks.models.checkpoint import save_checkpoint
+from tasks.models.sources import load_base, state_dict_sha256
+from tasks.models.user import arch_of
 from tasks.progress import epoch_bar, say
 from tasks.stages.context import StageContext
 from tasks.stages.measure import measure_model
@@ -46,15 +47,18 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     arch = arch_record(ctx)
     tc = ctx.cfg.train
     torch.manual_seed(tc.seed)
-    model = build_arch(arch, in_channels=shape[0], num_classes=n_cls)
+    # With model.weights (a file, models:/ or runs:/) the imported weights are the base: no training.
+    model, base = load_base(ctx.cfg.model, in_channels=shape[0], num_classes=n_cls, workspace=ctx.paths.root)
     what = f"model {ctx.cfg.model.name or ctx.cfg.model.factory}"
     check_io(model, shape, n_cls, what)
     sp = ctx.splits()
     history: list[dict] = []
-    if ctx.cfg.model.weights:
-        load_weights_strict(model, read_weights(ctx.cfg.model.weights), source=ctx.cfg.model.weights)
-        say(f"imported weights from {ctx.cfg.model.weights}")
-    if tc.epochs > 0 and not ctx.cfg.model.weights:
+    if base is not None:
+        ctx.tracker.tags(base.tags())
+        ctx.tracker.tags(base.tags(), on_parent=True)
+        pinned = f" ({base.resolved})" if base.resolved != base.uri else ""
+        say(f"imported weights from {base.uri}{pinned}, sha256 {base.sha256[:12]}")
+    if tc.epochs > 0 and base is None:
         spec = TrainSpec(
             epochs=tc.epochs,
             lr=tc.lr,
@@ -80,16 +84,21 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     metrics = {
         "val_accuracy": val["accuracy"],
         "test_accuracy": test["accuracy"],
-        "epochs": tc.epochs if not ctx.cfg.model.weights else 0,
+        "epochs": tc.epochs if base is None else 0,
         **measure_model(model, ctx.example(1)),
     }
     size = save_checkpoint(
         model, out / "model.pt", arch=arch, input_shape=shape, num_classes=n_cls, meta={"stage": "train_base"}
     )
     metrics["checkpoint_bytes"] = size
+    # Lineage: where the base's weights came from and their content hash (trained here: the hash only).
+    lineage = base.record() if base is not None else {"source": "trained", "sha256": state_dict_sha256(model.state_dict())}
+    write_json(out / "base.json", lineage)
     write_json(out / "metrics.json", metrics)
     write_json(out / "history.json", history)
     ctx.tracker.metrics(metrics)
     ctx.tracker.artifact(out / "metrics.json")
+    ctx.tracker.artifact(out / "base.json")
     say(f"base model: test accuracy {test['accuracy']:.2f}%, {metrics['macs'] / 1e6:.2f} M MACs")
-    return {"test_accuracy": test["accuracy"], "val_accuracy": val["accuracy"], "macs": metrics["macs"]}
+    return {"test_accuracy": test["accuracy"], "val_accuracy": val["accuracy"], "macs": metrics["macs"],
+            "base_model": {k: lineage.get(k) for k in ("source", "uri", "resolved", "version", "run_id", "sha256")}}
