@@ -166,4 +166,5 @@ def test_a_rest_trigger_runs_every_stage_tracked_under_its_airflow_run_id(api):
 def test_a_second_trigger_with_nothing_changed_reuses_every_stage(api):
     api.trigger_and_wait("rest_second", {"run_id": "sched2", **GOAL}, timeout=600)
     stages = _run_state(api, "sched2")["stages"]
-    assert {s: bool(stages.get(s, {}).get("reused")) for s in STAGES} == dict.fromkeys(STAGES, True)
+    why = {s: stages.get(s, {}).get("changed") for s in STAGES if not stages.get(s, {}).get("reused")}
+    assert {s: bool(stages.get(s, {}).get("reused")) for s in STAGES} == dict.fromkeys(STAGES, True), why
