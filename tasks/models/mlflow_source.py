@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from tasks.errors import ModelLoadError
+from tasks.errors import ModelLoadError, ServiceError
 from tasks.models.sources import ResolvedBase, read_artifact, register_source, state_dict_sha256
 
 _MODELS = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))/?$")
@@ -62,7 +62,7 @@ def probe(uri: str, weights: str) -> None:
         elif scheme in DB_PORTS and parts.hostname:
             socket.create_connection((parts.hostname, parts.port or DB_PORTS[scheme]), timeout=PROBE_TIMEOUT_S).close()
     except (urllib.error.URLError, OSError) as e:
-        raise ModelLoadError(_unreachable(uri, weights, getattr(e, "reason", e))) from e
+        raise ServiceError(_unreachable(uri, weights, getattr(e, "reason", e))) from e
 
 
 def client_for(uri: str, weights: str):
@@ -77,7 +77,7 @@ def client_for(uri: str, weights: str):
                              f"{weights!r}; install that database driver or name one in the URI, e.g. "
                              "postgresql+psycopg2://") from e
     except Exception as e:  # the database refused us
-        raise ModelLoadError(_unreachable(uri, weights, f"{type(e).__name__}: {e}")) from e
+        raise ServiceError(_unreachable(uri, weights, f"{type(e).__name__}: {e}")) from e
 
 
 def _unreachable(uri: str, weights: str, why: object) -> str:
@@ -97,9 +97,9 @@ def _lookup(call: Callable[[], T], uri: str, weights: str) -> T | None:
             return None
         if e.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
             raise ModelLoadError(f"model.weights {weights!r}: the registry at {redact(uri)} refused it ({e.message})") from e
-        raise ModelLoadError(_unreachable(uri, weights, e.message)) from e
+        raise ServiceError(_unreachable(uri, weights, e.message)) from e
     except Exception as e:  # a database or connection error from the store
-        raise ModelLoadError(_unreachable(uri, weights, f"{type(e).__name__}: {e}")) from e
+        raise ServiceError(_unreachable(uri, weights, f"{type(e).__name__}: {e}")) from e
 
 
 def cache_dir(root: Path, uri: str, pinned: str) -> Path:

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import tasks.models.mlflow_source  # noqa: F401  (registers the MLflow sources)
 from tasks.config import ModelConfig
-from tasks.errors import ModelLoadError
+from tasks.errors import ModelLoadError, ServiceError
 from tasks.models import create_model
 from tasks.models.register_base import register_base_model
 from tasks.models.sources import SOURCES, load_base, resolve_base, resolve_weights, state_dict_sha256
@@ -153,6 +153,7 @@ def test_run_artifacts_without_one_weights_file(reg):
     assert not bad  # a failed download or read keeps nothing
 
 
+# An unreachable registry is a ServiceError (transient: the Airflow task is retried), not a ModelLoadError.
 @pytest.mark.parametrize("server", ["http://127.0.0.1:{port}", "postgresql+psycopg2://postgres:pw@127.0.0.1:{port}/test"])
 def test_unreachable_registry(reg, monkeypatch, server):
     with socket.socket() as s:
@@ -160,7 +161,7 @@ def test_unreachable_registry(reg, monkeypatch, server):
         port = s.getsockname()[1]  # closed again: nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.format(port=port))
     shown = re.escape(server.format(port=port).replace(":pw@", ":***@"))  # the password is not printed
-    with pytest.raises(ModelLoadError, match=rf"registry at {shown} is unreachable .* start the MLflow"):
+    with pytest.raises(ServiceError, match=rf"registry at {shown} is unreachable .* start the MLflow"):
         resolve_weights("models:/base@production", reg["ws"])
 
 
