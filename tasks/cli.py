@@ -93,6 +93,20 @@ def _cmd_search_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    """Move the champion alias by hand (promote <version>) or back (rollback); both are recorded in MLflow."""
+    from tasks import registry
+
+    pipeline = args.pipeline or registry.default_pipeline(args.workspace)
+    if args.cmd == "promote":
+        done = registry.promote(pipeline, args.version, reason=args.reason, workspace=args.workspace)
+    else:
+        done = registry.rollback(pipeline, reason=args.reason, workspace=args.workspace)
+    print(f"{done['model']}: champion v{done['from']} -> v{done['to']} ({done['action']} by {done['by']}: "
+          f"{done['reason']}); recorded in MLflow run {done['mlflow_run']}")
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from tasks.orchestrate import up
 
@@ -142,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-trials", type=int, help="at most this many trials here (default: until the budget is spent)")
     w.add_argument("--setup", action="store_true", help="only prepare the study (scan, warm starts) and exit")
     w.set_defaults(fn=_cmd_search_worker)
+
+    pr = sub.add_parser("promote", help="make a registered version the champion by hand (recorded)")
+    pr.add_argument("version", help="the model version number (see the MLflow UI, Models)")
+    rb = sub.add_parser("rollback", help="move the champion back to the previous champion (recorded)")
+    for q in (pr, rb):
+        q.add_argument("--pipeline", help="whose registered model (default: the only one in the workspace)")
+        q.add_argument("--reason", default="", help="why, for the record")
+        q.set_defaults(fn=_cmd_promote)
 
     sub.add_parser("up", help="start the Airflow and MLflow UIs on 127.0.0.1").set_defaults(fn=_cmd_up)
 

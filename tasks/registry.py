@@ -200,6 +200,7 @@ def download_package(client: Any, name: str, version: str, dest: Path, uri: str)
 
     from tasks.serving import package_dir
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     src = client.get_model_version_download_uri(name, str(version))
     local = mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=str(dest), tracking_uri=uri)
     return package_dir(Path(local))

@@ -215,6 +215,8 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
     from mlflow.tracking._tracking_service import utils
 
     old, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    # A stage's log is for its own lines, not a progress bar per artifact copy.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
     try:
         yield

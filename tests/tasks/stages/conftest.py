@@ -37,8 +37,7 @@ def fake_run(workspace: Path, tmp_path: Path) -> Callable[..., Path]:
     from tasks.stages import run_stage
 
     def make(run_id: str, *, num_samples: int = 400, untrained: bool = False, goal_met: bool = True,
-             recorded_accuracy: float = 99.0, onnx: bool = False, promotion: str = "{cost: none}",
-             stop_before_register: bool = False) -> Path:
+             recorded_accuracy: float = 99.0, onnx: bool = False, promotion: str = "{cost: none}") -> Path:
         import torch
 
         from tasks.models.checkpoint import load_checkpoint, save_checkpoint
@@ -73,8 +72,7 @@ def fake_run(workspace: Path, tmp_path: Path) -> Callable[..., Path]:
             best = {"host": {"1": {"engine": "onnxruntime", "median_ms": 0.1},
                              "4": {"engine": "onnxruntime", "median_ms": 0.2}}}
             write_json(paths.stage_dir("benchmark") / "latency.json", {"pairs": [], "best": best})
-        if not stop_before_register:
-            run_stage("register", PIPELINE, run_id, config_path=cfg, workspace=workspace)
+        run_stage("register", PIPELINE, run_id, config_path=cfg, workspace=workspace)
         return paths.run_dir
 
     return make
