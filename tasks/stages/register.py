@@ -27,15 +27,14 @@ from tasks.registry import (
     registry_lock,
 )
 from tasks.report import write_report
-from tasks.serving import SERVING, Package, log_package, package_sha256, using_tracking_uri
+from tasks.serving import ENGINE_FILES, SERVING, Package, log_package, package_sha256, using_tracking_uri
 from tasks.stages.context import StageContext
 from tasks.tracking import finish_parent, tracking_uri
 from tasks.workspace import read_json, write_json
 
 __all__ = ["registered_name", "run", "deployment"]
 
-ARTIFACTS = {"tvm": "compiled/{target}/model.so", "onnxruntime": "compiled/model.onnx",
-             "onnxruntime_int8": "compiled/model.int8.onnx", "pytorch": "model.pt"}
+ARTIFACTS = ENGINE_FILES  # the file each engine loads, relative to the package
 
 
 def deployment(ctx: StageContext) -> dict[str, dict[str, Any]]:

@@ -149,3 +149,32 @@ def test_a_rerun_keeps_its_version(workspace, fake_run):
                     workspace=workspace)
     assert out["version"] == 1 and out["alias"] == "champion" and "re-run" in out["reason"]
     assert len(_client(workspace).search_model_versions(f"name = '{NAME}'")) == 1
+
+
+def test_a_champion_registered_as_a_plain_folder_is_scored_too(workspace, fake_run, tmp_path):
+    """Versions registered before they were MLflow Models (a package folder as the source) still compete."""
+    import shutil
+
+    from tasks.registry import move_champion
+
+    run_a = fake_run("a")
+    old = tmp_path / "old-package"
+    shutil.copytree(run_a / "register/model", old)
+    (old / "serving.json").unlink()  # what the register stage wrote before
+    client = _client(workspace)
+    mv = client.create_model_version(NAME, source=str(old))
+    move_champion(client, NAME, str(mv.version), action="promote", reason="an old-style version", by="test")
+    run_b = fake_run("b", num_samples=300, untrained=True, promotion="{cost: latency, accuracy_tolerance: 0.0}")
+    dec = json.loads((run_b / "register/decision.json").read_text())
+    assert dec["champion"]["version"] == str(mv.version) and dec["champion"]["engine"] == "pytorch"
+    assert dec["champion"]["test_accuracy"] > dec["challenger"]["test_accuracy"]  # trained vs untrained
+    assert dec["champion"]["latency_ms"] > 0 and not dec["promoted"]
+    assert set(dec["checks"]) == {"goal", "accuracy", "cost"}
+    # the champion's files are gone: nothing is promoted, and the reason says what to do
+    from tasks.stages import run_stage
+
+    shutil.rmtree(old)
+    out = run_stage("register", "synth", "b", config_path=workspace.parent / "pipelines-b.yaml", workspace=workspace)
+    assert out["alias"] == "challenger" and not out["promoted"]
+    assert f"champion version {mv.version} cannot be evaluated" in out["reason"] and "shrinkflow promote" in out["reason"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(mv.version)
