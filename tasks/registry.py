@@ -3,7 +3,8 @@
 Every move sets the aliases `champion` (the new one) and `previous-champion` (the one it replaced, where
 rollback goes), tags both versions with who/when/why, appends to the registered model's
 `champion_history` tag (JSON, newest last), and is an MLflow run of its own in the pipeline's
-experiment for promote and rollback (the register stage's run records its own decision).
+experiment for promote and rollback (the register stage's run records its own decision). Rollback
+undoes the last forward move; repeated rollbacks undo earlier ones in reverse order.
 """
 
 from __future__ import annotations
@@ -78,6 +79,17 @@ def history(client: Any, name: str) -> list[dict[str, Any]]:
         return json.loads(raw) if raw else []
     except json.JSONDecodeError:
         return []
+
+
+def undo_stack(moves: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The forward moves (register, promote) not undone by a later rollback, oldest first."""
+    stack: list[dict[str, Any]] = []
+    for m in moves:
+        if m["action"] != "rollback":
+            stack.append(m)
+        elif stack:
+            stack.pop()
+    return stack
 
 
 def _who() -> str:
@@ -176,7 +188,8 @@ def promote(pipeline: str, version: str, *, reason: str = "", workspace: str | o
 
 def rollback(pipeline: str, *, reason: str = "", workspace: str | os.PathLike | None = None,
              by: str | None = None) -> dict[str, Any]:
-    """Move the champion alias back to previous-champion; that one's own predecessor becomes previous."""
+    """Move the champion alias back to previous-champion (undo the last forward move); the move before
+    it, if it brought that version in, gives the next previous-champion."""
     paths = registry_paths(pipeline, workspace)
     client = client_for(paths)
     name = _model(client, pipeline)
@@ -185,9 +198,10 @@ def rollback(pipeline: str, *, reason: str = "", workspace: str | os.PathLike | 
         if target is None:
             raise RegistryError(f"{name} has no previous champion to roll back to (alias {PREVIOUS!r} is unset); "
                                 "use `shrinkflow promote <version>` to pick one")
-        # Where the next rollback goes: the champion `target` replaced when it last came in by a forward move.
-        before = next((h["from"] for h in reversed(history(client, name))
-                       if h["to"] == str(target.version) and h["action"] != "rollback"), None)
+        # Rollback undoes the last forward move; the next one undoes the move before it, if that one
+        # brought in the version we return to.
+        stack = undo_stack(history(client, name))[:-1]
+        before = stack[-1]["from"] if stack and stack[-1]["to"] == str(target.version) else None
         entry = move_champion(client, name, str(target.version), action="rollback", previous=before,
                               reason=reason or "rolled back by hand", by=by)
     entry["mlflow_run"] = _record_run(paths, client, entry, name)

@@ -90,6 +90,19 @@ def test_rollback_after_promote_of_a_rolled_back_version(models, workspace):
     assert (_alias(client, "champion"), _alias(client, "previous-champion")) == ("1", None)
 
 
+def test_rollback_undoes_moves_in_reverse_order(models, workspace):
+    """v1 -> v2 -> v1 again by hand: rollbacks go to v2, then v1, then there is nothing left to undo."""
+    client = models
+    registry.promote("synth", "2", workspace=workspace)
+    registry.promote("synth", "1", workspace=workspace)
+    registry.rollback("synth", workspace=workspace)
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == ("2", "1")
+    registry.rollback("synth", workspace=workspace)
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == ("1", None)
+    with pytest.raises(registry.RegistryError, match="no previous champion"):
+        registry.rollback("synth", workspace=workspace)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
