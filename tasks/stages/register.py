@@ -124,8 +124,9 @@ def _evaluate(ctx: StageContext, client: Any, name: str, pkg: Path, champ: Any,
 
 
 def _record(ctx: StageContext, client: Any, name: str, mv: Any, champ: Any, figs: dict[str, Figures],
-            decision: Decision, alias: str, out: Path) -> None:
-    """decision.json, the stage run's tags/metrics and the version's tags: both sets of figures."""
+            decision: Decision, alias: str, out: Path, *, tag_version: bool = True) -> None:
+    """decision.json, the stage run's tags/metrics and the version's tags (unless a re-run of a champion's
+    stage, whose decision stands): both sets of figures."""
     rule = ctx.cfg.promotion
     doc = {
         "model": name, "version": str(mv.version), "alias": alias, "promoted": decision.promote,
@@ -151,7 +152,7 @@ def _record(ctx: StageContext, client: Any, name: str, mv: Any, champ: Any, figs
             "gate.rule": f"cost={rule.cost} accuracy_tolerance={rule.accuracy_tolerance} "
                          f"latency_tolerance={rule.latency_tolerance} require_goal={rule.require_goal}"}
     tags.update({f"gate.{k}": f"{v:.6g}" for k, v in as_metrics(figs).items()})
-    for k, v in tags.items():
+    for k, v in tags.items() if tag_version else ():
         client.set_model_version_tag(name, mv.version, k, v)
 
 
@@ -198,7 +199,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         elif not rerun:
             client.set_registered_model_alias(name, "challenger", str(mv.version))
         alias = CHAMPION if decision.promote or rerun else "challenger"
-        _record(ctx, client, name, mv, rival, figs, decision, alias, out)
+        _record(ctx, client, name, mv, rival, figs, decision, alias, out, tag_version=not rerun)
     say("champion/challenger on this run's test split, timed side by side on this host:\n" + figures_table(figs))
     finish_parent(ctx.paths)
     say(f"registered {name} version {mv.version} as {alias}: {decision.reason}")

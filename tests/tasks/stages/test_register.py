@@ -148,7 +148,8 @@ def test_a_rerun_keeps_its_version(workspace, fake_run):
     out = run_stage("register", "synth", "a", config_path=workspace.parent / "pipelines-a.yaml",
                     workspace=workspace)
     assert out["version"] == 1 and out["alias"] == "champion" and "re-run" in out["reason"]
-    assert len(_client(workspace).search_model_versions(f"name = '{NAME}'")) == 1
+    versions = _client(workspace).search_model_versions(f"name = '{NAME}'")
+    assert len(versions) == 1 and versions[0].tags["gate.promoted"] == "true"  # the first decision stands
 
 
 def test_a_champion_registered_as_a_plain_folder_is_scored_too(workspace, fake_run, tmp_path):
