@@ -130,6 +130,20 @@ def _cmd_search_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    """Move the champion alias by hand (promote <version>) or back (rollback); both are recorded in MLflow."""
+    from tasks import registry
+
+    pipeline = args.pipeline or registry.default_pipeline(args.workspace)
+    if args.cmd == "promote":
+        done = registry.promote(pipeline, args.version, reason=args.reason, workspace=args.workspace)
+    else:
+        done = registry.rollback(pipeline, reason=args.reason, workspace=args.workspace)
+    print(f"{done['model']}: champion v{done['from']} -> v{done['to']} ({done['action']} by {done['by']}: "
+          f"{done['reason']}); recorded in MLflow run {done['mlflow_run']}")
+    return 0
+
+
 def _cmd_register_base(args: argparse.Namespace) -> int:
     from tasks.errors import ConfigError
     from tasks.models.register_base import register_base_model
@@ -232,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, help="Airflow's port (default $AIRFLOW__API__PORT or 8080)")
     u.add_argument("--mlflow-port", type=int, help="the MLflow UI's port (default 5000)")
     u.set_defaults(fn=_cmd_up)
+
+    pr = sub.add_parser("promote", help="make a registered version the champion by hand (recorded)")
+    pr.add_argument("version", help="the model version number (see the MLflow UI, Models)")
+    rb = sub.add_parser("rollback", help="move the champion back to the previous champion (recorded)")
+    for q in (pr, rb):
+        q.add_argument("--pipeline", help="whose registered model (default: the only one in the workspace)")
+        q.add_argument("--reason", default="", help="why, for the record")
+        q.set_defaults(fn=_cmd_promote)
 
     a = sub.add_parser("airflow", help="the airflow CLI with shrinkflow's settings, e.g. `airflow dags list`")
     a.add_argument("rest", nargs=argparse.REMAINDER)

@@ -198,6 +198,26 @@ class CompileConfig(_Strict):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
 
 
+class PromotionConfig(_Strict):
+    """The champion/challenger gate: both models scored on this run's test split and timed side by side."""
+
+    require_goal: bool = Field(True, description="promote only a challenger that met the run's goal")
+    accuracy_tolerance: float = Field(
+        0.1, ge=0, description="points (percent) the challenger's test accuracy may fall below the champion's"
+    )
+    cost: Literal["latency", "macs", "size", "none"] = Field(
+        "latency",
+        description="the cost that must be no worse than the champion's: latency (deployed engine on the "
+        "host, timed interleaved), macs (per image), size (bytes of the deployed artifact), or none",
+    )
+    latency_tolerance: float = Field(
+        0.1, ge=0, lt=1, description="timing noise allowed: latency counts as no worse up to champion x (1 + this)"
+    )
+    latency_batch: int = Field(1, gt=0, description="batch size the two models are timed at")
+    warmup: int = Field(10, ge=0, description="untimed calls per model before timing")
+    repeat: int = Field(50, gt=0, description="timed calls per model (interleaved)")
+
+
 class PipelineConfig(_Strict):
     name: str = ""
     description: str = ""
@@ -211,6 +231,7 @@ class PipelineConfig(_Strict):
     targets: list[str] = Field(default_factory=lambda: ["host"])
     compile: CompileConfig = Field(default_factory=CompileConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: str | AssetSchedule | None = Field(
         None,
         description="a cron expression or preset ('0 2 * * *', '@daily'), {model_alias: 'models:/<name>@<alias>'} "

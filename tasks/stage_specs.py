@@ -63,8 +63,9 @@ SPECS: dict[str, StageSpec] = {
             ("devices",),
         ),
         StageSpec(
-            "register", ("train_base", "search", "finetune", "compile", "benchmark"), (),
-            ("tasks/stages/register.py", "tasks/report.py"),
+            "register", ("prepare_data", "train_base", "search", "finetune", "compile", "benchmark"), ("promotion",),
+            ("tasks/stages/register.py", "tasks/report.py", "tasks/serving.py", "tasks/champion.py", "tasks/gate.py",
+             "tasks/registry.py"),
             per_pipeline=True,
         ),
     )

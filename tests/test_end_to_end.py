@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,11 +129,62 @@ def test_mlflow_parent_and_nested_stage_runs(e2e_run):
     assert children["finetune"].data.metrics["test_accuracy"] > 90
     assert "val_accuracy" in children["train_base"].data.metrics
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"model", "report.md", "latency.json", "search"} <= arts
+    assert {"report.md", "latency.json", "search"} <= arts
+    # the package is an MLflow Model logged by the parent run, and the registered version is that model
+    logged = [o.model_id for o in parent.outputs.model_outputs]
+    assert len(logged) == 1
     search_arts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
     assert {"search/pareto.png", "search/trials.csv", "search/plan.json"} <= search_arts
     mv = client.get_model_version_by_alias("shrinkflow-digits_tiny", "champion")
     assert mv.tags["shrinkflow_run_id"] == "e2e"
+    assert mv.source == f"models:/{logged[0]}" and mv.tags["gate.promoted"] == "true"
+    decision = json.loads((ws / "runs/digits_tiny/e2e/register/decision.json").read_text())
+    assert decision["promoted"] and decision["champion"] is None and decision["challenger"]["test_accuracy"] > 90
+
+
+PREDICT = """
+import json, sys
+import numpy as np, mlflow.pyfunc
+m = mlflow.pyfunc.load_model("models:/shrinkflow-digits_tiny@champion")
+x = np.load(sys.argv[1])
+np.save(sys.argv[2], m.predict(x))
+print(json.dumps({"engine": m.unwrap_python_model().package.engine_for(len(x))}))
+"""
+
+
+def test_champion_serves_the_benchmarks_outputs_in_a_fresh_process(e2e_run, tmp_path):
+    """mlflow.pyfunc.load_model("models:/<name>@champion").predict(test split) in a new process runs the
+    engine deploy.json chose and agrees with the benchmark's check of that engine."""
+    ws, _ = e2e_run
+    run = ws / "runs/digits_tiny/e2e"
+    from tasks.data.dataset import load_dataset_file
+    from tasks.data.loaders import Splits
+    from tasks.engines.pytorch_eager import TorchRunner
+    from tasks.models.checkpoint import load_checkpoint
+
+    info = json.loads((run / "prepare_data/dataset.json").read_text())
+    sp = Splits(load_dataset_file(run / "prepare_data/dataset.npz"), info["mean"], info["std"])
+    x, y = sp.tensors["test"][0].numpy(), sp.tensors["test"][1].numpy()
+    np.save(tmp_path / "x.npy", x)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW", "SHRINKFLOW"))}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, "-c", PREDICT, str(tmp_path / "x.npy"), str(tmp_path / "out.npy")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    engine = json.loads(proc.stdout.strip().splitlines()[-1])["engine"]
+    deploy = json.loads((run / "register/model/deploy.json").read_text())["host"]
+    largest = max(deploy, key=int)
+    assert engine == deploy[largest]["engine"]
+    logits = np.load(tmp_path / "out.npy")
+    lat = json.loads((run / "benchmark/latency.json").read_text())
+    check = next(c for c in lat["checks"] if (c["model"], c["engine"], c["target"]) == ("compressed", engine, "host"))
+    assert abs(100.0 * (logits.argmax(1) == y).mean() - check["test_accuracy"]) < 0.5
+    ref = TorchRunner(load_checkpoint(run / "finetune/model.pt")[0]).run(x)  # the benchmark's reference
+    agree = (logits.argmax(1) == ref.argmax(1)).mean()
+    if engine.endswith("_int8"):  # quantized: what the benchmark measured for that engine, to the image
+        assert abs(agree - check["top1_agreement_vs_pytorch"]) < 0.01
+    else:
+        assert np.abs(logits - ref).max() < 1e-3 and agree > 0.99
 
 
 def test_rerunning_a_stage_replaces_it(e2e_run):
