@@ -48,8 +48,7 @@ def example_train_base() -> None:
         from tasks.config import DataConfig
         from tasks.data.loaders import Splits
         from tasks.data.sources import build_dataset
-        from tasks.models import create_model
-        from tasks.models.sources import register_base_model
+        from tasks.models import create_model, register_base_model
 
         # The data settings of digits_registered, so its prepare_data normalises the same way.
         ds = build_dataset(DataConfig(source="digits", val_fraction=0.1))
@@ -60,7 +59,8 @@ def example_train_base() -> None:
         fit(model, splits.batches("train", 64, train=True), TrainSpec(epochs=EPOCHS, lr=0.1, schedule="onecycle"))
         accuracy = evaluate(model, splits.batches("test"))["accuracy"]
         ref = MODEL_ALIAS.fullmatch(BASE_MODEL)
-        version = register_base_model(model, ref["name"], alias=ref["alias"], arch=arch)
+        version = register_base_model(model, ref["name"], alias=ref["alias"], arch=arch,
+                                      input_example=splits.example(2))
         # Shown on the asset event in the UI; the consumer resolves the alias itself when it runs.
         context["outlet_events"][BASE_ASSET].extra = {"version": str(version), "test_accuracy": accuracy}
         return {"model": f"models:/{ref['name']}/{version}", "alias": ref["alias"], "test_accuracy": accuracy}

@@ -21,10 +21,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from tasks.errors import ModelLoadError, ServiceError
 from tasks.models.sources import ResolvedBase, read_artifact, register_source, state_dict_sha256
+from tasks.services import redact
 
 _MODELS = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))/?$")
 _RUNS = re.compile(r"^runs:/(?P<run>[0-9A-Za-z_-]+)/(?P<path>.+)$")
@@ -38,15 +39,6 @@ def registry_uri(root: Path, tracking_uri: str | None = None) -> str:
     from tasks.tracking import workspace_tracking_uri
 
     return tracking_uri or workspace_tracking_uri(root)
-
-
-def redact(uri: str) -> str:
-    """A URI safe to print: the password (if any) replaced by ***."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def probe(uri: str, weights: str) -> None:

@@ -240,7 +240,6 @@ def test_example_dag_registers_the_base_and_reports_the_asset(
     pipelines: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The example's task itself: a digits base trained, registered as models:/digits-base@production."""
-    pytest.importorskip("tasks.models.sources", reason="register_base_model comes with the model-sources work")
     from collections import defaultdict
 
     from mlflow.tracking import MlflowClient
