@@ -250,7 +250,8 @@ def test_train_base_imports_a_registered_base_and_records_it(tmp_path, workspace
     v = register_base_model(newer, "fashion-base", alias="production",
                             arch={**ARCH, "input_shape": [1, 8, 8]}, workspace=workspace)
     assert v == "2"
-    run_stage("train_base", "importer", "i1", config_path=p)
+    again = run_stage("train_base", "importer", "i1", config_path=p)
+    assert not again["reused"] and "base model weights changed" in again["changed"]  # incremental runs see it
     base2 = json.loads((out / "train_base" / "base.json").read_text())
     assert base2["resolved"] == "models:/fashion-base/2" and base2["sha256"] == state_dict_sha256(newer.state_dict())
     assert _mlflow_runs(workspace, "i1")["pipeline"]["base_model.version"] == "2"
