@@ -100,7 +100,9 @@ def fit(
         nesterov=True,
     )
     steps = spec.epochs * len(train)  # type: ignore[arg-type]
-    if spec.schedule == "onecycle":
+    # OneCycleLR divides by its warm-up length, int(0.2 * steps) - 1: under 10 steps that is 0 or less
+    # (ZeroDivisionError), and so short a run has nothing to warm up anyway.
+    if spec.schedule == "onecycle" and steps >= 10:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=steps, pct_start=0.2)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)

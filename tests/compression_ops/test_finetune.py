@@ -62,6 +62,17 @@ def test_fit_zero_epochs_is_a_no_op(splits):
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
+def test_onecycle_on_a_handful_of_steps_trains(splits):
+    # 5 steps: OneCycleLR's warm-up ends at step 0.2 * 5 - 1 = 0, where it starts: it divided by zero here.
+    m = create_model("resnet8", in_channels=1, num_classes=4, width=8)
+    before = copy.deepcopy(m.state_dict())
+    n = len(splits.batches("train", 1, train=True))
+    batches = splits.batches("train", -(-n // 5), train=True)
+    assert len(batches) == 5
+    hist = fit(m, batches, TrainSpec(epochs=1, lr=0.05, schedule="onecycle"))
+    assert len(hist) == 1 and any(not torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
 def test_feature_hint_trains_student_features_only(splits):
     from compression_ops.distill import FeatureHint
 
