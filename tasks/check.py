@@ -48,7 +48,7 @@ def check_pipeline(
 
     cfg = load_pipeline(name, config_path)
     if overrides:
-        from tasks.config import apply_overrides  # owner: the dag helper (issue 11, trigger params)
+        from tasks.overrides import apply_overrides
 
         source = cfg._pipelines_file
         cfg = apply_overrides(cfg, overrides)

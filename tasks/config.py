@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -290,12 +289,12 @@ def read_validated_yaml(path: Path, schema: type[BaseModel], key: str, what: str
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{path} is not a valid {what}:", *_error_lines(err)]
+        lines = [f"{path} is not a valid {what}:", *validation_error_lines(err)]
         lines.append(f"Fix these fields; the schema lives in {schema.__module__.replace('.', '/')}.py.")
         raise ConfigError("\n".join(lines)) from err
 
 
-def _error_lines(err: ValidationError, hints: bool = False) -> list[str]:
+def validation_error_lines(err: ValidationError, hints: bool = False) -> list[str]:
     """One line per invalid field: its dotted path, what is wrong, the value given (and, with hints, the field's help)."""
     lines = []
     for e in err.errors():
@@ -322,65 +321,6 @@ def _field_hint(loc: tuple) -> str:
         if i == len(loc) - 1:
             return f"; {loc[-1]}: {info.description}" if info.description else ""
     return ""
-
-
-def nest_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Dotted keys ({"goal.speedup": 2.5}) made nested ({"goal": {"speedup": 2.5}}), merged with nested ones."""
-    out: dict[str, Any] = {}
-    for key, value in overrides.items():
-        parts = str(key).split(".")
-        if not all(parts):
-            raise ConfigError(f"override key {key!r} is not a dotted field path such as goal.speedup or train.epochs")
-        value = nest_overrides(value) if isinstance(value, Mapping) else value
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r} conflicts with another override that sets {part!r} to a value")
-        last = parts[-1]
-        if isinstance(node.get(last), dict) and isinstance(value, dict):
-            node[last] = _deep_merge(node[last], value)
-        elif last in node:
-            raise ConfigError(f"override {key!r} is given twice; keep one")
-        else:
-            node[last] = value
-    return out
-
-
-def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """`top` merged into a copy of `base`: mappings merge key by key, anything else (lists too) replaces."""
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def apply_overrides(
-    cfg: PipelineConfig, overrides: Mapping[str, Any] | None, *, source: str = "overrides"
-) -> PipelineConfig:
-    """`cfg` with `overrides` (nested or dotted keys) deep-merged in and validated again by the same schema.
-
-    A bad value is a ConfigError naming the field, the value given, what the field means and the fix.
-    """
-    if not overrides:
-        return cfg
-    nested = nest_overrides(overrides)
-    if "name" in nested:
-        raise ConfigError(f"{source}: 'name' cannot be overridden; it is the pipeline's key in pipelines.yaml")
-    try:
-        new = PipelineConfig.model_validate(_deep_merge(cfg.model_dump(), nested))
-    except ValidationError as err:
-        lines = [f"{source} do not fit pipeline {cfg.name!r}:", *_error_lines(err, hints=True)]
-        lines.append("Fix these values (a trigger's params, or `shrinkflow run --set field=value`); "
-                     "the schema lives in tasks/config.py.")
-        raise ConfigError("\n".join(lines)) from None
-    new.name = cfg.name
-    if cfg._pipelines_file is not None:  # validation drops the private field; paths keep counting from the project
-        resolve_project_paths(new, cfg._pipelines_file)
-    return new
 
 
 def project_dir(cfg: PipelineConfig | None = None, path: str | os.PathLike | None = None) -> Path:

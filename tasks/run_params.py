@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.config import GoalConfig, PipelineConfig, apply_overrides, nest_overrides
+from tasks.config import GoalConfig, PipelineConfig
 from tasks.errors import ConfigError
+from tasks.overrides import apply_overrides, nest_overrides
 
 # The goal fields a trigger form offers; any other field goes in `overrides`.
 GOAL_PARAMS = ("speedup", "max_accuracy_drop", "metric")

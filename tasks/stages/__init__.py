@@ -35,8 +35,9 @@ def run_stage(
     that stage and every later one).
     """
     from tasks import stage_cache, tracking
-    from tasks.config import apply_overrides, load_pipeline
+    from tasks.config import load_pipeline
     from tasks.fingerprint import manifest
+    from tasks.overrides import apply_overrides
     from tasks.progress import say
     from tasks.stages.context import StageContext
     from tasks.workspace import atomic_dir, run_paths

@@ -79,7 +79,8 @@ def _no_search(ctx: StageContext, out: Path) -> dict[str, Any]:
 # --- the fan-out: called by Airflow's mapped tasks (dags/) and `shrinkflow search-worker` -------------
 
 def _load(pipeline: str, run_id: str, config_path, workspace) -> tuple[PipelineConfig, RunPaths]:
-    from tasks.config import apply_overrides, load_pipeline
+    from tasks.config import load_pipeline
+    from tasks.overrides import apply_overrides
     from tasks.workspace import run_paths
 
     paths = run_paths(pipeline, run_id, workspace)  # the run's overrides apply here as in run_stage

@@ -269,8 +269,9 @@ def test_a_new_data_version_reruns_from_prepare_data(tmp_path, monkeypatch):
 
 
 def test_apply_overrides_dotted_and_nested(pipelines_file):
-    from tasks.config import apply_overrides, load_pipeline
+    from tasks.config import load_pipeline
     from tasks.errors import ConfigError
+    from tasks.overrides import apply_overrides
 
     cfg = load_pipeline("synth")
     new = apply_overrides(cfg, {"goal": {"speedup": 2.5}, "finetune.distill.alpha": 0.5})

@@ -8,8 +8,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tasks.config import PipelineConfig, apply_overrides, load_pipelines
+from tasks.config import PipelineConfig, load_pipelines
 from tasks.errors import ConfigError
+from tasks.overrides import apply_overrides
 from tasks.run_params import conf_from_cli, param_specs, parse_conf, parse_force, start_run
 
 STAGES = ("prepare_data", "train_base", "search", "compress", "finetune", "compile", "benchmark", "register")
