@@ -158,19 +158,20 @@ def test_relative_pipelines_path_counts_from_the_repo_root(
     assert "shrinkflow__nightly" not in bag.dag_ids
 
 
-def test_parsing_imports_no_heavy_modules(pipelines: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dag_file", [DAG_FILE, DAGS_FOLDER / "example_train_base.py"], ids=lambda p: p.stem)
+def test_parsing_imports_no_heavy_modules(pipelines: Path, tmp_path: Path, dag_file: Path) -> None:
     probe = textwrap.dedent(
         """
         import importlib.util, sys
         spec = importlib.util.spec_from_file_location("shrinkflow_dag_probe", sys.argv[1])
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
-        heavy = ("torch", "tvm", "mlflow", "optuna", "onnx", "tasks.stages")
+        heavy = ("torch", "tvm", "mlflow", "optuna", "onnx", "tasks.stages", "tasks.models")
         print("HEAVY=" + ",".join(m for m in heavy if m in sys.modules))
         """
     )
     env = {**os.environ, **airflow_env(tmp_path / "ws", pipelines=pipelines)}
     out = subprocess.run(
-        [sys.executable, "-c", probe, str(DAG_FILE)], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", probe, str(dag_file)], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-3000:]
     (heavy,) = [line for line in out.stdout.splitlines() if line.startswith("HEAVY=")]

@@ -213,28 +213,6 @@ def test_dag_test_with_conf_overrides_and_retries(
     assert result["state"] == "success" and calls.count("compile") == 2
 
 
-def test_example_dag_parses_without_heavy_modules(pipelines: Path, tmp_path: Path) -> None:
-    import subprocess
-
-    from tasks.orchestrate import airflow_env
-
-    probe = textwrap.dedent(
-        """
-        import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("example_probe", sys.argv[1])
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
-        heavy = ("torch", "tvm", "mlflow", "optuna", "tasks.stages", "tasks.models")
-        print("HEAVY=" + ",".join(m for m in heavy if m in sys.modules))
-        """
-    )
-    env = {**os.environ, **airflow_env(tmp_path / "ws", pipelines=pipelines)}
-    out = subprocess.run([sys.executable, "-c", probe, str(DAGS_FOLDER / "example_train_base.py")],
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    (heavy,) = [line for line in out.stdout.splitlines() if line.startswith("HEAVY=")]
-    assert heavy == "HEAVY="
-
-
 @pytest.mark.slow
 def test_example_dag_registers_the_base_and_reports_the_asset(
     pipelines: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
