@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from dag_helpers import dagbag, use_pipelines
 
 from tasks.errors import UnknownPipelineError
 from tasks.orchestrate import (
@@ -46,21 +47,10 @@ PIPELINES = textwrap.dedent(
 
 @pytest.fixture
 def pipelines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A pipelines file and a workspace in tmp_path, and no AIRFLOW__* of the developer's shell."""
-    for key in [k for k in os.environ if k.startswith("AIRFLOW")]:
-        monkeypatch.delenv(key)
-    path = tmp_path / "pipelines.yaml"
-    path.write_text(PIPELINES)
-    monkeypatch.setenv("SHRINKFLOW_PIPELINES", str(path))
-    monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path / "ws"))
-    return path
+    return use_pipelines(PIPELINES, tmp_path, monkeypatch)
 
 
-def _dagbag(tmp_path: Path):
-    with embedded_airflow(tmp_path / "ws", migrate=False):
-        from airflow.dag_processing.dagbag import DagBag
-
-        return DagBag(dag_folder=str(DAGS_FOLDER))
+_dagbag = dagbag
 
 
 def test_one_dag_per_pipeline(pipelines: Path, tmp_path: Path) -> None:

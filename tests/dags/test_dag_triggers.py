@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 import textwrap
 import types
@@ -12,9 +11,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from dag_helpers import dagbag, use_pipelines
 
 from tasks.errors import ConfigError, DeviceError, StageError, TransientError
-from tasks.orchestrate import DAG_FILE, DAGS_FOLDER, PipelineRunError, embedded_airflow, run_pipeline
+from tasks.orchestrate import DAG_FILE, PipelineRunError, embedded_airflow, run_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("prepare_data", "train_base", "search", "compress", "finetune", "compile", "benchmark", "register")
@@ -35,21 +35,11 @@ PIPELINES = textwrap.dedent(
 
 @pytest.fixture
 def pipelines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A pipelines file and a workspace in tmp_path, and no AIRFLOW__* or retry settings of the shell."""
-    for key in [k for k in os.environ if k.startswith(("AIRFLOW", "SHRINKFLOW_TASK_RETRIES", "SHRINKFLOW_RETRY"))]:
-        monkeypatch.delenv(key)
-    path = tmp_path / "pipelines.yaml"
-    path.write_text(PIPELINES)
-    monkeypatch.setenv("SHRINKFLOW_PIPELINES", str(path))
-    monkeypatch.setenv("SHRINKFLOW_HOME", str(tmp_path / "ws"))
-    return path
+    return use_pipelines(PIPELINES, tmp_path, monkeypatch)
 
 
 def _dagbag(tmp_path: Path):
-    with embedded_airflow(tmp_path / "ws", migrate=False):
-        from airflow.dag_processing.dagbag import DagBag
-
-        bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    bag = dagbag(tmp_path)
     assert bag.import_errors == {}
     return bag
 
