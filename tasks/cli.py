@@ -14,7 +14,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tasks.check import check_pipeline
     from tasks.config import load_pipeline
     from tasks.progress import say
-    from tasks.run_params import conf_from_cli, parse_conf, start_run
+    from tasks.run_params import conf_from_cli, parse_conf, parse_force, start_run
     from tasks.stages import STAGES
     from tasks.workspace import new_run_id, run_paths
 
@@ -25,7 +25,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_pipeline(args.pipeline, args.config, workspace=args.workspace, overrides=params.overrides,
                    echo=lambda line: say(f"check: {line}"))
     run_id = args.run_id or new_run_id()
-    force = _force_value(args.force)
+    force = parse_force(args.force, STAGES)  # --force alone: every stage; --force STAGE: it and every later one
     if force is not None:
         conf["force"] = force
     # The DAG's start task (or start_run below) stores force and the overrides in run.json for every stage;
@@ -48,16 +48,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     print_run_summary(run_paths(args.pipeline, run_id, args.workspace))
     return 0
-
-
-def _force_value(value: str | bool | None) -> str | bool | None:
-    """--force (true: every stage) or --force STAGE (that stage and every later one), checked."""
-    from tasks.errors import StageError
-    from tasks.stage_specs import STAGES
-
-    if value is None or value is True or value in STAGES:
-        return value
-    raise StageError(f"--force {value!r}: not a stage; give one of {', '.join(STAGES)}, or --force alone for all")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
