@@ -64,7 +64,7 @@ def _remote_devices(ctx: StageContext) -> list[Device]:
 def _fpga(ctx: StageContext, device: Device, x_test: np.ndarray, y_test: np.ndarray,
           ref: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
     """The FPGA C simulation against the quantized PyTorch model on the test split, and its estimate."""
-    from tasks.engines.fpga_hls import agreement, estimate_resources, load_hls
+    from tasks.engines.fpga import agreement, estimate_resources, load_hls
 
     d = ctx.paths.stage_dir("compile") / "compressed" / device.name
     n = min(len(x_test), ctx.cfg.benchmark.remote_check_images)  # the C simulation is slow (ms per image)

@@ -53,7 +53,7 @@ def deployed_model(ctx: StageContext, model: Any) -> Any:
 
 def _fpga(ctx: StageContext, model: Any, example: Any, out: Path, device: Any) -> dict[str, Any]:
     """The quantized model as an hls4ml project with its C simulation compiled (no vendor tools)."""
-    from tasks.engines.fpga_hls import build_hls, estimate_resources
+    from tasks.engines.fpga import build_hls, estimate_resources
 
     say(f"FPGA ({device.name}): generating the hls4ml project and compiling its C simulation ...")
     meta = build_hls(deployed_model(ctx, model), example, out, **device.hls_options())

@@ -21,7 +21,7 @@ from tasks.config import DataConfig  # noqa: E402
 from tasks.data import build_dataset  # noqa: E402
 from tasks.data.loaders import Splits  # noqa: E402
 from tasks.engines.base import InputShapeError  # noqa: E402
-from tasks.engines.fpga_hls import (  # noqa: E402
+from tasks.engines.fpga import (  # noqa: E402
     agreement,
     build_hls,
     emulate,
