@@ -85,11 +85,30 @@ def register_op(config_cls: type[OpConfig]) -> Callable[[OpFn], OpFn]:
     return deco
 
 
+def registered_configs() -> dict[str, type[OpConfig]]:
+    """Every op config class by op name (what a plan may name); a copy."""
+    return dict(_CONFIGS)
+
+
 def apply(model: nn.Module, config: OpConfig, data: Any = None) -> OpResult:
     """Apply one compression op; `data` is whatever the op needs (example input, calibration batches)."""
     if config.op not in _OPS:
-        raise OpConfigError(f"{type(config).__name__} is not applied with apply(): it configures fine-tuning")
+        raise OpConfigError(_no_handler(config))
     return _OPS[config.op](model, config, data)
+
+
+def _no_handler(config: OpConfig) -> str:
+    """Why apply() cannot run `config`: a fine-tune-phase op, or an op whose handler was never registered."""
+    name = type(config).__name__
+    if config.phase == "finetune":
+        return (
+            f"{name} ({config.op!r}) is not applied with apply(): the fine-tune phase applies it "
+            "(pass it to fit(..., teacher=..., distill=...), as the finetune stage does)"
+        )
+    return (
+        f"{name} ({config.op!r}) has no registered handler: decorate the function that applies it "
+        f"with @register_op({name}) and import its module in compression_ops/__init__.py"
+    )
 
 
 def to_plain(model: nn.Module) -> nn.Module:
