@@ -21,9 +21,47 @@ from torch import nn
 from compression_ops.base import OpConfig, OpConfigError, OpData, OpResult, check_range, register_op
 from compression_ops.metrics import count_macs, count_params
 
-IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "dcp")
+
+def _torch_pruning(cls_name: str, **kwargs: Any) -> Callable[[], Any]:
+    """A factory of Torch-Pruning's importance class `cls_name` (Torch-Pruning is imported when called)."""
+
+    def make() -> Any:
+        import torch_pruning as tp
+
+        return getattr(tp.importance, cls_name)(**kwargs)
+
+    return make
+
+
+def _dcp() -> Any:
+    from compression_ops.dcp import DCPImportance
+
+    return DCPImportance()
+
+
+# Importance criterion name -> factory of the object that ranks channels (Torch-Pruning's protocol).
+# A criterion added here is valid in ChannelPrune(importance=...) and in pipelines.yaml at once.
+IMPORTANCES: dict[str, Callable[[], Any]] = {
+    "l1": _torch_pruning("GroupMagnitudeImportance", p=1),
+    "l2": _torch_pruning("GroupMagnitudeImportance", p=2),
+    "bn_scale": _torch_pruning("BNScaleImportance"),
+    "taylor": _torch_pruning("GroupTaylorImportance"),
+    "dcp": _dcp,
+}
 # Importance criteria computed from gradients on labelled batches.
 NEEDS_BATCHES = ("taylor", "dcp")
+
+
+def check_importance(name: str) -> None:
+    """Raise OpConfigError, listing the known criteria, unless `name` is one of IMPORTANCES."""
+    if not isinstance(name, str) or name not in IMPORTANCES:
+        raise OpConfigError(f"importance={name!r}: expected one of {', '.join(sorted(IMPORTANCES))}")
+
+
+def importance_for(name: str) -> Any:
+    """A fresh importance object for the criterion `name`."""
+    check_importance(name)
+    return IMPORTANCES[name]()
 
 
 @dataclasses.dataclass
@@ -55,8 +93,7 @@ class ChannelPrune(OpConfig):
 
     def validate(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, hi_open=True)
-        if self.importance not in IMPORTANCES:
-            raise OpConfigError(f"importance={self.importance!r}: expected one of {', '.join(IMPORTANCES)}")
+        check_importance(self.importance)
         for name, r in (self.per_layer or {}).items():
             check_range(f"per_layer[{name!r}]", r, 0.0, 1.0, hi_open=True)
         for name, r in (self.layer_scale or {}).items():
@@ -75,22 +112,6 @@ class ChannelPrune(OpConfig):
         check_range("latency_repeat", self.latency_repeat, 3, 10_000)
         if self.round_to is not None:
             check_range("round_to", self.round_to, 1, 1024)
-
-
-def _importance(name: str):
-    import torch_pruning as tp
-
-    if name == "dcp":
-        from compression_ops.dcp import DCPImportance
-
-        return DCPImportance()
-    if name == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if name == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if name == "bn_scale":
-        return tp.importance.BNScaleImportance()
-    return tp.importance.GroupTaylorImportance()
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
@@ -132,7 +153,7 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
         raise OpConfigError(
             f"importance={cfg.importance!r} needs labelled batches ({what}): pass OpData(example=..., batches=...)"
         )
-    importance = _importance(cfg.importance)
+    importance = importance_for(cfg.importance)
     pruner = tp.pruner.MetaPruner(
         model,
         data.example,

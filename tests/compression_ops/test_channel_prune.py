@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from compression_ops import ChannelPrune, OpConfigError, OpData, apply, config_from_dict
+from compression_ops.channel_prune import IMPORTANCES, importance_for
 from compression_ops.metrics import count_macs, count_params
 from tasks.models import create_model
 
@@ -9,7 +10,7 @@ X = torch.randn(1, 1, 28, 28)
 
 
 @pytest.mark.parametrize("name", ["resnet8", "mobilenet_tiny"])
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "taylor", "dcp"])
+@pytest.mark.parametrize("importance", sorted(IMPORTANCES))
 def test_prune_removes_channels_and_keeps_shapes(name, importance):
     m = create_model(name, in_channels=1, num_classes=10)
     batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
@@ -85,6 +86,49 @@ def test_taylor_needs_batches():
     m = create_model("resnet8", in_channels=1, num_classes=10)
     with pytest.raises(OpConfigError, match="needs labelled batches"):
         apply(m, ChannelPrune(ratio=0.2, importance="taylor"), OpData(example=X))
+
+
+def test_importance_table_builds_each_criterion():
+    import torch_pruning as tp
+
+    from compression_ops.dcp import DCPImportance
+
+    expected = {
+        "l1": tp.importance.GroupMagnitudeImportance,
+        "l2": tp.importance.GroupMagnitudeImportance,
+        "bn_scale": tp.importance.BNScaleImportance,
+        "taylor": tp.importance.GroupTaylorImportance,
+        "dcp": DCPImportance,
+    }
+    assert {name: type(importance_for(name)) for name in IMPORTANCES} == expected
+    assert (importance_for("l1").p, importance_for("l2").p) == (1, 2)
+    assert importance_for("dcp") is not importance_for("dcp")  # a fresh one per pruning: dcp keeps state
+
+
+def test_unknown_importance_is_refused_when_the_config_is_made():
+    known = r"expected one of bn_scale, dcp, l1, l2, taylor"
+    with pytest.raises(OpConfigError, match=rf"importance='bogus': {known}"):
+        ChannelPrune(importance="bogus")
+    with pytest.raises(OpConfigError, match=rf"importance=\['l2'\]: {known}"):
+        config_from_dict({"op": "channel_prune", "importance": ["l2"]})
+    with pytest.raises(OpConfigError, match=known):
+        importance_for("bogus")
+
+
+def test_a_criterion_added_to_the_table_is_accepted_and_used(monkeypatch):
+    import torch_pruning as tp
+
+    made = []
+
+    def random_importance():
+        made.append("random")
+        return tp.importance.RandomImportance()
+
+    monkeypatch.setitem(IMPORTANCES, "random", random_importance)
+    m = create_model("resnet8", in_channels=1, num_classes=10, width=4)
+    res = apply(m, ChannelPrune(ratio=0.5, importance="random"), OpData(example=torch.randn(1, 1, 8, 8)))
+    assert made == ["random"]
+    assert res.report["importance"] == "random" and res.report["macs_after"] < res.report["macs_before"]
 
 
 def test_config_json_roundtrip():
