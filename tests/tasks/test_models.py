@@ -6,15 +6,36 @@ import torch
 
 from compression_ops import ChannelPrune, OpData, apply
 from tasks.errors import ArtifactError, ModelLoadError
-from tasks.models import create_model, load_checkpoint, save_checkpoint
+from tasks.models import MODELS, create_model, load_checkpoint, save_checkpoint
+from tasks.models.registry import _load_builtin
 from tasks.models.user import build_arch, read_weights
 
+_load_builtin()  # the zoo registers itself on import; every model in it is tested below
+ZOO = sorted(MODELS)
 
-@pytest.mark.parametrize("name", ["resnet8", "resnet10", "mobilenet_tiny"])
-def test_zoo_shapes(name):
-    m = create_model(name, in_channels=1, num_classes=10).eval()
-    assert m(torch.randn(3, 1, 28, 28)).shape == (3, 10)
-    assert m(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+def test_the_zoo_is_registered():
+    assert {"resnet8", "resnet10", "mobilenet_tiny"} <= set(ZOO)
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize(("in_channels", "num_classes"), [(1, 10), (3, 7)])
+def test_zoo_shapes(name, in_channels, num_classes):
+    m = create_model(name, in_channels=in_channels, num_classes=num_classes).eval()
+    assert m(torch.randn(3, in_channels, 28, 28)).shape == (3, num_classes)
+    assert m(torch.randn(2, in_channels, 8, 8)).shape == (2, num_classes)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_checkpoint_roundtrip(tmp_path, name):
+    torch.manual_seed(0)
+    m = create_model(name, in_channels=3, num_classes=7).eval()
+    save_checkpoint(m, tmp_path / "m.pt", arch={"name": name, "kwargs": {}}, input_shape=[3, 16, 16], num_classes=7)
+    back, info = load_checkpoint(tmp_path / "m.pt")
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), m(x))
+    assert (info["input_shape"], info["num_classes"]) == ([3, 16, 16], 7)
 
 
 def test_unknown_zoo_model():
