@@ -183,4 +183,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with st.quiet_optuna():
+        main()

@@ -127,7 +127,7 @@ def prepare(cfg: PipelineConfig, paths: RunPaths, *, worker: int = 0, tracker: b
 
 
 def _warm_start(s: Session) -> None:
-    with st.claim_lock(s.url, s.study.study_name):
+    with st.quiet_optuna(), st.claim_lock(s.url, s.study.study_name):
         if s.study.user_attrs.get(st.ATTR_WARM):
             return
         queued = []
@@ -159,7 +159,7 @@ def work(s: Session, max_trials: int | None = None, deadline: float | None = Non
         trial = st.claim_trial(s.study, sc, s.url)
         if trial is None:
             break
-        with st.Heartbeat(s.study, trial, sc.heartbeat_seconds):
+        with st.quiet_optuna(), st.Heartbeat(s.study, trial, sc.heartbeat_seconds):
             try:
                 s.runner.run(s.study, trial)
             except KeyboardInterrupt:

@@ -28,9 +28,8 @@ from tasks.config import SearchConfig
 from tasks.errors import ConfigError
 from tasks.workspace import RunPaths
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats drive our ask/tell workers (Heartbeat below); Optuna expects them only under Study.optimize.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+HEARTBEAT_WARNING = "Heartbeat of storage is supposed to be used with Study.optimize"
 
 ATTR_WARM = "shrinkflow.warm_started"
 ATTR_MLFLOW_PARENT = "shrinkflow.mlflow_search_run"
@@ -45,10 +44,25 @@ def study_name(paths: RunPaths) -> str:
     return f"{paths.pipeline}:{paths.run_id}"
 
 
-def _storage(url: str, sc: SearchConfig) -> optuna.storages.RDBStorage:
-    import warnings
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna at WARNING verbosity, without the warnings our ask/tell workers trigger by design (heartbeats
+    outside Study.optimize, the heartbeat arguments being experimental); both restored on exit.
 
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
+    Scoped rather than set at import, so importing this module changes nothing for its importer.
+    """
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=HEARTBEAT_WARNING)
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # stable enough
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _storage(url: str, sc: SearchConfig) -> optuna.storages.RDBStorage:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}
@@ -98,8 +112,8 @@ def open_study(sc: SearchConfig, paths: RunPaths, directions: list[str], worker:
     url = storage_url(sc, paths)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    storage = _storage(url, sc)
-    with claim_lock(url, study_name(paths)):  # two workers creating the study at once would collide
+    with quiet_optuna(), claim_lock(url, study_name(paths)):  # two workers creating the study would collide
+        storage = _storage(url, sc)
         study = optuna.create_study(
             storage=storage, study_name=study_name(paths), directions=directions, load_if_exists=True
         )
@@ -163,10 +177,7 @@ def budget_used(study: optuna.Study) -> int:
 def fail_stale(study: optuna.Study) -> None:
     """Fail (and re-queue) trials whose worker stopped beating; Optuna warns that heartbeats are meant
     for Study.optimize, but ask/tell with our own Heartbeat thread is what the workers use."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+    with quiet_optuna():
         optuna.storages.fail_stale_trials(study)
 
 
@@ -175,7 +186,7 @@ def claim_trial(study: optuna.Study, sc: SearchConfig, url: str) -> optuna.Trial
 
     Queued trials (warm starts, retries of stale trials) are inside the budget already and go first.
     """
-    with claim_lock(url, study.study_name):
+    with quiet_optuna(), claim_lock(url, study.study_name):
         fail_stale(study)
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if not waiting and budget_used(study) >= sc.n_trials:
@@ -188,7 +199,7 @@ def claim_trial(study: optuna.Study, sc: SearchConfig, url: str) -> optuna.Trial
 
 def requeue(study: optuna.Study, trial: optuna.Trial) -> None:
     """Fail an interrupted trial and queue its parameters again, as a stale trial would be."""
-    with contextlib.suppress(Exception):  # already finished, or the storage is gone: the heartbeat covers it
+    with quiet_optuna(), contextlib.suppress(Exception):  # already told, or the storage is gone: heartbeats cover it
         study.tell(trial, state=TrialState.FAIL)
         frozen = study._storage.get_trial(trial._trial_id)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)(study, frozen)
