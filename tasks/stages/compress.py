@@ -33,9 +33,9 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         num_classes=info["num_classes"],
         meta={"stage": "compress", "plan": plan_json},
     )
-    ctx.tracker.params({"plan": {f"{i}_{p['op']}": p for i, p in enumerate(plan_json)}})
+    ctx.tracker.params({"plan": {f"{i}_{p.op}": p.to_dict() for i, p in enumerate(plan)}})
     ctx.tracker.metrics({"val_accuracy_before_finetune": val["accuracy"]})
     for r in reports:
         ctx.tracker.metrics({f"{r['op']}.{k}": v for k, v in report_scalars(r).items()})
     ctx.tracker.artifact(out / "plan.json")
-    return {"plan": [p["op"] for p in plan_json], "val_accuracy_before_finetune": val["accuracy"]}
+    return {"plan": [p.op for p in plan], "val_accuracy_before_finetune": val["accuracy"]}
