@@ -85,7 +85,7 @@ def main() -> None:
     from tasks.engines.pytorch_eager import TorchRunner
     from tasks.engines.timing import time_interleaved
     from tasks.engines.tvm_build import build_tvm, load_tvm
-    from tasks.stages.compile import host_lanes
+    from tasks.engines.tvm_schedule import device_lanes
     from tasks.workspace import write_json
 
     splits = fashion_splits()
@@ -111,7 +111,7 @@ def main() -> None:
             runners[(which, name)] = load_tvm(tmp / which / name)
             say(f"{which} {name}: built in {build_s[f'{which}.{name}']:.1f} s")
         # as the compile stage does: ONNX exported with channels padded to the vector width
-        padded, _ = pad_channels(model, example, host_lanes())
+        padded, _ = pad_channels(model, example, device_lanes(get_device("host")))
         export_onnx(model, example, tmp / which / "unpadded.onnx")
         runners[(which, "onnxruntime_unpadded")] = load_onnx(tmp / which / "unpadded.onnx", THREADS)
         export_onnx(padded, example, tmp / which / "model.onnx")

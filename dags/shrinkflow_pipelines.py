@@ -99,7 +99,7 @@ def resolve_pipelines_file() -> Path:
 def _stage_task(stage: str, pipeline: str, config_path: str, trigger_rule: str = "all_success"):
     @task(task_id=stage, trigger_rule=trigger_rule)
     def run(shrinkflow_run_id: str, **context: Any) -> dict[str, Any]:
-        from tasks.stages import run_stage
+        from tasks.stage_runner import run_stage
 
         return run_classified(
             run_stage, stage, pipeline, shrinkflow_run_id, config_path=config_path, airflow_run_id=context["run_id"]

@@ -10,7 +10,7 @@ from tasks.errors import ShrinkflowError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.stages import STAGES
+    from tasks.stage_specs import STAGES
 
     p = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
     p.add_argument("stage", choices=STAGES)
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workspace", help="artifact folder (default: $SHRINKFLOW_HOME or .shrinkflow beside the pipelines file)")
     p.add_argument("--force", action="store_true", help="recompute even when its inputs are unchanged")
     args = p.parse_args(argv)
-    from tasks.stages import run_stage
+    from tasks.stage_runner import run_stage
     from tasks.workspace import project_workspace
 
     try:

@@ -92,6 +92,13 @@ def _check_devices(cfg: PipelineConfig) -> str:
                     f"{_where(cfg)}: {field}: unknown device {n!r}; {registry} declares: {known}. "
                     f"Use one of these in {field} or add the device to the registry."
                 )
+    from tasks.devices import get_device
+    from tasks.engines import builds
+
+    try:  # every target needs an engine among benchmark.engines
+        builds(cfg.benchmark.engines, [devices[n] for n in cfg.targets], get_device("host", registry), int8_plan=False)
+    except ConfigError as e:
+        raise ConfigError(f"{_where(cfg)}: {e}") from None
     for n in cfg.targets:
         tool = _toolchain(devices[n])
         if tool is not None and shutil.which(tool[0]) is None:
@@ -204,7 +211,7 @@ def _check_plan(cfg: PipelineConfig, model: Any, probe: Any) -> str:
         plan, _ = space.build(space.defaults())
         how = f"searched over {len(space.searched)} parameters"
     else:
-        from tasks.stages.plan import plan_from_config
+        from tasks.plan import plan_from_config
 
         plan = plan_from_config(cfg)
         how = "as written (search.n_trials: 0)"

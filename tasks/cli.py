@@ -15,7 +15,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import load_pipeline
     from tasks.progress import say
     from tasks.run_params import conf_from_cli, parse_conf, parse_force, start_run
-    from tasks.stages import STAGES
+    from tasks.stage_specs import STAGES
     from tasks.workspace import new_run_id, run_paths
 
     cfg = load_pipeline(args.pipeline, args.config)  # a bad name or file fails here, before any work
@@ -33,7 +33,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():  # Airflow's task runner wraps stderr: decide on progress bars out here
         os.environ.setdefault("SHRINKFLOW_PROGRESS", "1")
     if args.no_airflow:
-        from tasks.stages import run_stage
+        from tasks.stage_runner import run_stage
 
         # What the DAG's start task does (checked above): record the overrides and force in run.json.
         run_id = start_run(args.pipeline, conf, default_run_id=run_id, stages=STAGES, config_path=args.config,
@@ -98,7 +98,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from tasks.stages import run_stage
+    from tasks.stage_runner import run_stage
 
     result = run_stage(
         args.stage, args.pipeline, args.run_id, config_path=args.config, workspace=args.workspace,

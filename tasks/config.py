@@ -171,14 +171,26 @@ class BenchmarkConfig(_Strict):
     warmup: int = Field(20, ge=0)
     repeat: int = Field(100, gt=0)
     threads: int = Field(2, gt=0)
-    engines: list[Literal["pytorch", "tvm", "onnxruntime"]] = Field(
-        default_factory=lambda: ["pytorch", "tvm", "onnxruntime"]
+    engines: list[str] | None = Field(
+        None,
+        description="engines to build and time (tasks/engines/__init__.py: pytorch, onnxruntime, onnxruntime_int8, "
+        "tvm, tvm_rpc, fpga_hls); none: every registered engine that serves a target",
     )
     remote_repeat: int = Field(10, gt=0, description="timing samples on an RPC device (its p90 is over these)")
     remote_number: int = Field(3, gt=0, description="calls averaged per timing sample on an RPC device")
     remote_check_images: int = Field(
         1000, gt=0, description="test images checked on an RPC device and in an FPGA C simulation (all on this machine)"
     )
+
+    @field_validator("engines")
+    @classmethod
+    def _registered(cls, v: list[str] | None) -> list[str] | None:
+        from tasks.engines import ENGINES  # light: the registry, not the engines
+
+        unknown = [e for e in v or [] if e not in ENGINES]
+        if unknown:
+            raise ValueError(f"unknown engine(s) {unknown}; registered engines: {', '.join(ENGINES)}")
+        return v
 
 
 class TuningConfig(_Strict):

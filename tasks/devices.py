@@ -95,9 +95,15 @@ def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
     return devices
 
 
+HOST = "host"
+
+
 def get_device(name: str, path: str | os.PathLike | None = None) -> Device:
-    """One device by name, with a clear error listing the known names."""
+    """One device by name, with a clear error listing the known names. "host" is always known: this
+    machine, as the registry declares it or else an LLVM target for its own CPU."""
     devices = load_devices(path)
+    if name == HOST and name not in devices:
+        return Device(name=HOST, description="this machine", target={"kind": "llvm", "mcpu": "native"})
     if name not in devices:
         known = ", ".join(sorted(devices)) or "(none)"
         raise ConfigError(

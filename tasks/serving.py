@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 PACKAGE = "package"  # the pyfunc artifact key
 SERVING = "serving.json"
 FALLBACK = ("onnxruntime", "tvm", "pytorch")
-ENGINE_FILES = {"tvm": "compiled/{target}/model.so", "onnxruntime": "compiled/model.onnx",
+ENGINE_FILES = {"tvm": "compiled/{target}/model.so", "tvm_rpc": "compiled/{target}/model.so",
+                "onnxruntime": "compiled/model.onnx",
                 "onnxruntime_int8": "compiled/model.int8.onnx", "pytorch": "model.pt"}
 # What a fresh environment needs to load the model; explicit, so MLflow infers nothing (no network).
 REQUIREMENTS = ("shrinkflow", "mlflow", "torch", "numpy", "onnxruntime", "apache-tvm")

@@ -72,7 +72,7 @@ def test_compiled_artifacts_agree_with_pytorch(e2e_run):
     for c in lat["checks"]:
         if c["engine"] == "onnxruntime_int8":  # quantized: close to float, not equal
             assert c["top1_agreement_vs_pytorch"] > 0.95, c
-        elif c["engine"] == "hls_csim":  # fixed point vs the quantized model: checked below
+        elif c["engine"] == "fpga_hls":  # fixed point vs the quantized model: checked below
             continue
         elif c["engine"] != "pytorch":
             assert c["max_abs_diff_vs_pytorch"] < 1e-3, c
@@ -93,15 +93,20 @@ def test_compiled_artifacts_agree_with_pytorch(e2e_run):
     assert "b32 p90 ms" in table and "artifact kB" in table
     assert "## Latency per target and engine" in (run / "register/report.md").read_text()
     # the FPGA flow: the hls4ml C simulation agrees with the quantized PyTorch model; estimates reported
-    fpga = next(c for c in lat["checks"] if c["engine"] == "hls_csim")
+    fpga = next(c for c in lat["checks"] if c["engine"] == "fpga_hls")
     assert fpga["target"] == "fpga_zu7ev" and fpga["top1_agreement_vs_pytorch"] >= 0.99, fpga
-    est = lat["fpga_estimates"]["fpga_zu7ev"]
+    est = lat["estimates"]["fpga_zu7ev"]
     assert est["totals"]["dsp"] > 0 and est["latency_cycles"][0] > 0 and "not synthesis" in est["kind"]
     assert (run / "compile/compressed/fpga_zu7ev/meta.json").is_file()
     assert "Estimated, not synthesised" in table
+    # compile.json lists every artifact the registry's engines built, with its engine's metadata
     compiled = json.loads((run / "compile/compile.json").read_text())
-    host = compiled["compressed"]["targets"]["host"]
-    assert host["tuning"]["kernels"] > 0 and host["vector_lanes"] in (4, 8, 16)
+    built = {(a["model"], a["engine"], a["target"]): a for a in compiled["artifacts"]}
+    assert set(built) == {(m, e, "host") for m in ("base", "compressed") for e in ("pytorch", "onnxruntime", "tvm")} | {
+        ("compressed", "onnxruntime_int8", "host"), ("compressed", "fpga_hls", "fpga_zu7ev")}
+    host = built[("compressed", "tvm", "host")]
+    assert host["path"] == "compressed/host" and (run / "compile" / host["path"] / "model.so").is_file()
+    assert host["meta"]["tuning"]["kernels"] > 0 and host["meta"]["vector_lanes"] in (4, 8, 16)
 
 
 def test_mlflow_parent_and_nested_stage_runs(e2e_run):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from tasks.errors import ArtifactError, StageError
+
+if TYPE_CHECKING:
+    from tasks.devices import Device
 
 
 class InputShapeError(ArtifactError, ValueError):
@@ -25,6 +29,35 @@ class Runner(Protocol):
     input_shape: tuple[int | None, ...]
 
     def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """What an engine's build gets: one model for one device, and where to write it.
+
+    The callables are lazy: only the engines that need calibration images or the quantized model pay for them.
+    """
+
+    model: Any  # the float model, in eval mode
+    example: Any  # a batch-1 input tensor
+    device: Device
+    out: Path  # the engine's artifact: a file or a folder
+    root: Path  # the compile folder; other engines' artifacts for the same model lie under it
+    which: str = "compressed"  # "base" or "compressed"
+    checkpoint: Path | None = None  # the checkpoint the model was loaded from (the pytorch engine's artifact)
+    batch_sizes: tuple[int, ...] = (1, 32)
+    pad_channels: bool = True  # widen pruned channel groups to whole vector registers first (exact)
+    tuning_db: Path | None = None
+    tuning_budget_s: float = 0.0
+    calibration: Callable[[], np.ndarray] | None = None  # float32 NCHW images for int8 calibration
+    calibration_method: str = "minmax"
+    deployed: Callable[[], Any] | None = None  # the model as deployed: the plan's post-training ops applied
+
+    def artifact_of(self, engine: str) -> Path:
+        """Where another engine's artifact for the same model and device lies."""
+        from tasks.engines import get_engine
+
+        return self.root / get_engine(engine).artifact_path(self.which, self.device.name)
 
 
 def check_input(x: np.ndarray, expected: Sequence[int | None], what: str) -> np.ndarray:

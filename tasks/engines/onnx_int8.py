@@ -38,6 +38,7 @@ batch 32, against 0.7-0.8x unpadded; quantize a padded export where the int8 pla
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -50,8 +51,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.engines.base import sha256_file
+from tasks.engines.base import BuildJob, sha256_file
+from tasks.engines.onnx_runtime import load as onnx_load
 from tasks.engines.onnx_runtime import load_onnx, meta_path, strip_metadata
+from tasks.engines.onnx_runtime import read_meta as onnx_read_meta
 from tasks.errors import StageError
 
 METHODS = ("minmax", "percentile", "mse")
@@ -310,3 +313,34 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# ------------------------------------------------------------------ engine adapter (tasks/engines/__init__.py)
+
+
+def build(job: BuildJob) -> dict[str, Any]:
+    """The fp32 export of the same model (the onnxruntime engine's artifact, exported here when that
+    engine is not built) quantized to int8 with the plan's calibration."""
+    from tasks.engines import onnx_runtime
+
+    if job.calibration is None:
+        raise StageError("onnxruntime_int8 needs calibration images (BuildJob.calibration)")
+    fp32 = job.artifact_of("onnxruntime")
+    if not fp32.is_file():
+        fp32 = job.out.with_name(job.out.stem + ".fp32.onnx")
+        onnx_runtime.build(dataclasses.replace(job, out=fp32))
+    try:
+        return quantize_onnx_int8(fp32, job.out, job.calibration(), method=job.calibration_method)
+    finally:
+        if fp32.name.endswith(".fp32.onnx"):
+            fp32.unlink(missing_ok=True)
+            meta_path(fp32).unlink(missing_ok=True)
+
+
+read_meta = onnx_read_meta
+load = onnx_load
+
+
+def describe(meta: dict[str, Any]) -> str:
+    return (f"QDQ, {meta['calibration']} calibration, {meta['file_bytes'] / 1e3:.1f} kB, "
+            f"top-1 agreement with fp32 {meta['top1_agreement']:.3f}")

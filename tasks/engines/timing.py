@@ -7,9 +7,11 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+K = TypeVar("K", bound=Hashable)
 
 # Read by TVM's thread pool, OpenMP and MKL when they start: set before the first run of a library.
 THREAD_ENV_VARS = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -43,9 +45,9 @@ def _summary(ns: list[int]) -> dict[str, float | int]:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], warmup: int = 20, repeat: int = 100
-) -> dict[str, dict]:
-    """Median/p90/mean/min latency in ms of each callable, timed round-robin in rotating order."""
+    fns: dict[K, Callable[[], object]], warmup: int = 20, repeat: int = 100
+) -> dict[K, dict]:
+    """Median/p90/mean/min latency in ms of each callable (by its key), timed round-robin in rotating order."""
     if not fns:
         raise ValueError("time_interleaved needs at least one function to time")
     if repeat < 1 or warmup < 0:
@@ -54,7 +56,7 @@ def time_interleaved(
     for name in names:
         for _ in range(warmup):
             fns[name]()
-    times: dict[str, list[int]] = {name: [] for name in names}
+    times: dict[K, list[int]] = {name: [] for name in names}
     clock = time.perf_counter_ns
     for r in range(repeat):
         # Rotate the order so no engine always runs right after the same neighbour (cache, clocks).

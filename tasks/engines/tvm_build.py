@@ -25,11 +25,12 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tasks.engines.base import (
+    BuildJob,
     check_input,
     diff_vs_reference,
     export_failed,
@@ -37,6 +38,9 @@ from tasks.engines.base import (
     sha256_file,
 )
 from tasks.errors import ArtifactError, StageError
+
+if TYPE_CHECKING:
+    from tasks.devices import Device
 
 LIBRARY = "model.so"
 META = "meta.json"
@@ -272,3 +276,36 @@ def load_tvm(out_dir: Path) -> TVMRunner:
         return TVMRunner(lib_path, meta["input_shape"])
     except Exception as e:  # tvm raises its own error types for unloadable libraries
         raise ArtifactError(f"TVM cannot load {lib_path} ({type(e).__name__}: {e}); {REBUILD}") from e
+
+
+# ------------------------------------------------------------------ engine adapter (tasks/engines/__init__.py)
+
+
+def build(job: BuildJob) -> dict[str, Any]:
+    """The model compiled for job.device (cross-compiled when it is another architecture)."""
+    return build_tvm(job.model, job.example, job.device.tvm_target(), job.out, batch_sizes=job.batch_sizes,
+                     cross_compiler=job.device.cross_compiler, pad_channels=job.pad_channels,
+                     tuning_db=job.tuning_db, tuning_budget_s=job.tuning_budget_s)
+
+
+def load(artifact: Path, device: Device, *, threads: int) -> TVMRunner:
+    return load_tvm(artifact)
+
+
+def describe(meta: dict[str, Any]) -> str:
+    padded = meta["channel_padding"]
+    grown = ", ".join(f"{g['from']}->{g['to']}" for g in padded.get("groups", []))
+    widths = f", channels padded to multiples of {padded['multiple']} ({grown})" if padded.get("padded") else ""
+    if meta["max_abs_diff"] is None:  # cross-compiled: checked on the device by the benchmark
+        return f"built (cross-compiled, not run here; {_tuning_line(meta)}{widths})"
+    return f"max |diff| vs PyTorch {meta['max_abs_diff']:.2e}; {_tuning_line(meta)}{widths}"
+
+
+def _tuning_line(meta: dict[str, Any]) -> str:
+    t = meta.get("tuning")
+    if not t:
+        return "default schedule"
+    if not meta.get("verified_on_host"):  # cross-compiled: nothing can be timed here
+        return f"default knobs (tuning times kernels on this CPU only), {t['from_db']} kernels from the database"
+    return (f"tuned {t['tuned']} kernels in {t['seconds']:.0f} s, {t['from_db']} from the database"
+            + (f", {t['left_default']} left at defaults (budget spent)" if t["left_default"] else ""))

@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from tasks.devices import Device, RPCConfig
+from tasks.engines import tvm_build
 from tasks.engines.base import check_input
 from tasks.engines.timing import _summary
-from tasks.engines.tvm_build import _ARCH_ALIASES, LIBRARY, REBUILD, read_meta
+from tasks.engines.tvm_build import _ARCH_ALIASES, LIBRARY, REBUILD
 from tasks.errors import ArtifactError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -409,3 +410,15 @@ class RemoteTVMRunner:
                 log.warning("%s: latency is %s", self.name, EMULATED_NOTE)
                 self._warned = True
         return stats
+
+
+# ------------------------------------------------------------------ engine adapter (tasks/engines/__init__.py)
+
+build = tvm_build.build  # cross-compiled for the device's target like any TVM library
+read_meta = tvm_build.read_meta
+describe = tvm_build.describe
+
+
+def load(artifact: Path, device: Device, *, threads: int) -> RemoteTVMRunner:
+    """The library loaded on the device over RPC; close the runner (or use `with`) to free the device."""
+    return RemoteTVMRunner.for_device(artifact, device)

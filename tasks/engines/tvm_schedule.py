@@ -230,6 +230,13 @@ def vector_lanes(target: Any) -> int:
     return max(4, min(16, (bits if bits > 0 else 128) // 32))
 
 
+def device_lanes(device: Any) -> int:
+    """float32 lanes of a registry device's vector registers (8 on AVX2, 16 on AVX-512)."""
+    import tvm
+
+    return vector_lanes(tvm.target.Target(device.tvm_target()))
+
+
 def cpu_schedule_pass(target: Any, knobs: dict[str, Knobs] | None = None) -> Any:
     """Module pass applying the rule above to every unscheduled PrimFunc; failures keep naive loops.
 

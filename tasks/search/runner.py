@@ -96,8 +96,8 @@ def previous_best(paths: RunPaths) -> dict[str, Any] | None:
 def prepare(cfg: PipelineConfig, paths: RunPaths, *, worker: int = 0, tracker: bool = True) -> Session:
     """Load the base and data, scan sensitivity (once per run), open the study, queue the warm starts."""
     from tasks import tracking
+    from tasks.context import StageContext
     from tasks.models.checkpoint import load_checkpoint
-    from tasks.stages.context import StageContext
 
     url = st.storage_url(cfg.search, paths)
     if cfg.search.workers > 1 and url.startswith("sqlite"):
@@ -300,6 +300,7 @@ def summarize(s: Session, out: Path) -> dict[str, Any]:
     """Choose the plan and write: plan.json, choice.json, trials.json/.csv, pareto.png, efficiency.json/.png."""
     import csv
 
+    from tasks.plan import plan_to_json
     from tasks.plots import plot_efficiency, plot_pareto
 
     wait_for_workers(s)
@@ -308,7 +309,7 @@ def summarize(s: Session, out: Path) -> dict[str, Any]:
     rows = trial_rows(s)
     point = {**s.space.defaults(), **chosen.params}
     plan, ft = s.space.build(point)
-    plan_json = [p.to_dict() for p in plan]
+    plan_json = plan_to_json(plan)
     metrics = chosen.user_attrs.get("metrics", {})
     choice = {
         "trial": chosen.number,

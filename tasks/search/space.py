@@ -30,7 +30,7 @@ from compression_ops import Distill, OpConfig, config_from_dict
 from compression_ops.base import OpConfigError
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError
-from tasks.stages.plan import PRUNE_AMOUNT
+from tasks.plan import PRUNE_AMOUNT
 
 QAT_BITS = [2, 3, 4, 5, 6, 8]
 

@@ -242,7 +242,7 @@ class TrialRunner:
                 run.finish({"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
 
     def _evaluate(self, trial: optuna.Trial, point: dict[str, Any], run) -> tuple[dict[str, float], list[dict]]:
-        from tasks.stages.plan import apply_ops, ops_in_phase
+        from tasks.plan import apply_ops, ops_in_phase
 
         plan, ft = self.space.build(point)
         plan_json = [p.to_dict() for p in plan]

@@ -9,9 +9,9 @@ from typing import Any
 
 from compression_ops import OpData, evaluate
 from compression_ops.base import report_scalars
+from tasks.context import StageContext
 from tasks.models.checkpoint import save_checkpoint
-from tasks.stages.context import StageContext
-from tasks.stages.plan import apply_ops, ops_in_phase, plan_from_json, plan_to_json
+from tasks.plan import apply_ops, ops_in_phase, plan_from_json, plan_to_json
 from tasks.workspace import read_json, write_json
 
 

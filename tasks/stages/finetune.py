@@ -13,11 +13,11 @@ from compression_ops.base import report_scalars, to_plain
 from compression_ops.channel_prune import latency_reduction as eager_ratio
 from compression_ops.packing import pack_state_dict
 from compression_ops.quantize import quantized_state_dict
+from tasks.context import StageContext
+from tasks.measure import measure_model
 from tasks.models.checkpoint import save_checkpoint
+from tasks.plan import apply_ops, ops_in_phase, plan_from_json
 from tasks.progress import epoch_bar, say
-from tasks.stages.context import StageContext
-from tasks.stages.measure import measure_model
-from tasks.stages.plan import apply_ops, ops_in_phase, plan_from_json
 from tasks.workspace import read_json, write_json
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tasks.context import StageContext
 from tasks.data import build_dataset, save_dataset
 from tasks.progress import say
-from tasks.stages.context import StageContext
 from tasks.workspace import write_json
 
 

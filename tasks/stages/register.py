@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tasks.champion import as_metrics, figures_table, side_by_side
+from tasks.context import StageContext
 from tasks.gate import Decision, Figures, decide
 from tasks.progress import say
 from tasks.registry import (
@@ -28,7 +29,6 @@ from tasks.registry import (
 )
 from tasks.report import write_report
 from tasks.serving import ENGINE_FILES, SERVING, Package, log_package, package_sha256, using_tracking_uri
-from tasks.stages.context import StageContext
 from tasks.tracking import finish_parent, tracking_uri
 from tasks.workspace import read_json, write_json
 
@@ -54,7 +54,9 @@ def build_package(ctx: StageContext, pkg: Path) -> None:
     shutil.copy2(ctx.paths.require("finetune", "model.pt"), pkg / "model.pt")
     compiled = ctx.paths.stage_dir("compile")
     if compiled.is_dir():
-        shutil.copytree(compiled / "compressed", pkg / "compiled", dirs_exist_ok=True)
+        # model.pt is the pytorch engine's copy of the checkpoint, already at the package's top
+        shutil.copytree(compiled / "compressed", pkg / "compiled", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("model.pt"))
     write_json(pkg / "metrics.json", ctx.metrics("finetune"))
     deploy = deployment(ctx)
     if deploy:

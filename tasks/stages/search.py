@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import PipelineConfig
+from tasks.context import StageContext
 from tasks.progress import say
-from tasks.stages.context import StageContext
 from tasks.workspace import RunPaths, write_json
 
 
@@ -62,8 +62,8 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
 
 
 def _no_search(ctx: StageContext, out: Path) -> dict[str, Any]:
+    from tasks.plan import plan_from_config, plan_to_json
     from tasks.search.runner import load_or_scan_sensitivity
-    from tasks.stages.plan import plan_from_config, plan_to_json
 
     plan_json = plan_to_json(plan_from_config(ctx.cfg))  # a bad plan fails here, before the scan
     base, _ = ctx.model("train_base")

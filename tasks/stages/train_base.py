@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from compression_ops import TrainSpec, evaluate, fit
+from tasks.context import StageContext
 from tasks.errors import ModelLoadError
+from tasks.measure import measure_model
 from tasks.models.checkpoint import save_checkpoint
 from tasks.models.sources import load_base, state_dict_sha256
 from tasks.models.user import arch_of
 from tasks.progress import epoch_bar, say
-from tasks.stages.context import StageContext
-from tasks.stages.measure import measure_model
 from tasks.workspace import write_json
 
 

@@ -94,7 +94,7 @@ def test_sqlite_cannot_take_many_workers(pipelines: Path, tmp_path: Path) -> Non
 
 
 def test_stage_order_matches_tasks_stages(pipelines: Path, tmp_path: Path) -> None:
-    from tasks.stages import STAGES as declared
+    from tasks.stage_specs import STAGES as declared
 
     assert _dagbag(tmp_path).dags["shrinkflow__manual"].task_ids[1:] == list(declared)
 
@@ -155,7 +155,7 @@ def test_parsing_imports_no_heavy_modules(pipelines: Path, tmp_path: Path, dag_f
         import importlib.util, sys
         spec = importlib.util.spec_from_file_location("shrinkflow_dag_probe", sys.argv[1])
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
-        heavy = ("torch", "tvm", "mlflow", "optuna", "onnx", "tasks.stages", "tasks.models")
+        heavy = ("torch", "tvm", "mlflow", "optuna", "onnx", "tasks.stages", "tasks.stage_runner", "tasks.models")
         print("HEAVY=" + ",".join(m for m in heavy if m in sys.modules))
         """
     )
@@ -210,7 +210,7 @@ def test_dag_runs_in_process_with_stand_in_stages(
         return {"stage": stage, "run_id": run_id}
 
     monkeypatch.setitem(
-        sys.modules, "tasks.stages", types.SimpleNamespace(STAGES=STAGES, run_stage=run_stage)
+        sys.modules, "tasks.stage_runner", types.SimpleNamespace(run_stage=run_stage)
     )
     ws = tmp_path / "ws"
 

@@ -175,7 +175,7 @@ def test_dag_test_with_conf_overrides_and_retries(
             raise fail.pop(stage) if isinstance(fail[stage], TransientError) else fail[stage]
         return {"stage": stage, "run_id": run_id}
 
-    monkeypatch.setitem(sys.modules, "tasks.stages", types.SimpleNamespace(STAGES=STAGES, run_stage=run_stage))
+    monkeypatch.setitem(sys.modules, "tasks.stage_runner", types.SimpleNamespace(run_stage=run_stage))
     ws = tmp_path / "ws"
     conf = {"speedup": 2.5, "force": "compress", "overrides": {"finetune.epochs": 1}}
     result = run_pipeline("manual", "conf-run", config_path=pipelines, workspace=ws, conf=conf)

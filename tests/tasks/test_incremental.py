@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.stage_runner import run_stage
 from tasks.stage_specs import STAGES
-from tasks.stages import run_stage
 from tasks.workspace import run_paths
 
 FAST = STAGES[:5]  # prepare_data .. finetune

@@ -9,8 +9,10 @@ import torch
 
 from compression_ops.base import OpData
 from compression_ops.channel_prune import ChannelPrune, channel_prune
+from tasks.latency.best import best_engines, latency_table, pairs
+from tasks.latency.feedback import feed_back
+from tasks.latency.rows import Check, Latency
 from tasks.search.trial import LatencyCache
-from tasks.stages.benchmark import _best, latency_table
 
 
 @pytest.fixture(scope="module")
@@ -84,30 +86,45 @@ def test_unreachable_device_in_the_loop_says_how_to_start_it(pair, tmp_path, mon
         LatencyCache(tmp_path / "latency-board.json", "board").measure(base, small, ex[:1])
 
 
-def _rows():
-    rows = []
-    for model, engine, target, b, ms in [
-        ("base", "pytorch", "host", 1, 3.0), ("compressed", "pytorch", "host", 1, 2.5),
-        ("base", "tvm", "host", 1, 0.9), ("compressed", "tvm", "host", 1, 0.4),
-        ("base", "onnxruntime", "host", 1, 0.6), ("compressed", "onnxruntime", "host", 1, 0.5),
-        ("base", "tvm", "arm", 1, 9.0), ("compressed", "tvm", "arm", 1, 5.0),
-    ]:
-        rows.append({"model": model, "engine": engine, "target": target, "batch": b, "median_ms": ms,
-                     "p90_ms": ms * 1.1, "emulated": target == "arm", "artifact_bytes": 2000})
-    return rows
+def _rows() -> list[Latency]:
+    rows = [("base", "pytorch", "host", 1, 3.0), ("compressed", "pytorch", "host", 1, 2.5),
+            ("base", "tvm", "host", 1, 0.9), ("compressed", "tvm", "host", 1, 0.4),
+            ("base", "onnxruntime", "host", 1, 0.6), ("compressed", "onnxruntime", "host", 1, 0.5),
+            ("compressed", "onnxruntime_int8", "host", 1, 0.3),
+            ("base", "tvm_rpc", "arm", 1, 9.0), ("compressed", "tvm_rpc", "arm", 1, 5.0)]
+    return [Latency(m, e, t, b, ms, ms * 1.1, ms, ms * 0.9, emulated=t == "arm", artifact_bytes=2000)
+            for m, e, t, b, ms in rows]
 
 
 def test_best_engine_per_target_and_table():
     rows = _rows()
-    best = _best(rows, [1])
-    assert best == {"arm": {"1": {"engine": "tvm", "median_ms": 5.0}},
-                    "host": {"1": {"engine": "tvm", "median_ms": 0.4}}}
-    checks = [{"model": "compressed", "engine": "tvm", "target": "arm", "images": 100, "test_accuracy": 91.0,
-               "max_abs_diff_vs_pytorch": 2e-6, "top1_agreement_vs_pytorch": 1.0}]
-    table = latency_table({"rows": rows, "checks": checks})
+    best = best_engines(rows, [1])
+    assert best == {"arm": {"1": {"engine": "tvm_rpc", "median_ms": 5.0}},
+                    "host": {"1": {"engine": "onnxruntime_int8", "median_ms": 0.3}}}
+    checks = [Check("compressed", "tvm_rpc", "arm", 100, 91.0, 2e-6, 1.0)]
+    table = latency_table(rows, checks)
     lines = table.splitlines()
     assert "b1 median ms" in lines[0] and "b1 p90 ms" in lines[0] and "artifact kB" in lines[0]
     arm = [ln for ln in lines if "arm (emulated)" in ln and ln.startswith("compressed")]
     assert len(arm) == 1 and "100.00%" in arm[0] and "5.000" in arm[0] and "2.0" in arm[0]
     # host rows come first, every (model, target, engine) once
-    assert len(lines) == 2 + 8 and "host" in lines[2]
+    assert len(lines) == 2 + 9 and "host" in lines[2]
+
+
+def test_pairs_compare_int8_with_the_fp32_base_of_its_registry_entry():
+    by = {(p.engine, p.target): p for p in pairs(_rows())}
+    assert set(by) == {("pytorch", "host"), ("tvm", "host"), ("onnxruntime", "host"), ("onnxruntime_int8", "host"),
+                       ("tvm_rpc", "arm")}
+    assert by[("onnxruntime_int8", "host")].base_ms == 0.6 and by[("onnxruntime_int8", "host")].speedup == 2.0
+    assert by[("tvm_rpc", "arm")].emulated is True and by[("tvm_rpc", "arm")].speedup == 9.0 / 5.0
+
+
+def test_feed_back_records_each_engines_ratio_for_the_search(pair, tmp_path):
+    base, small, _ = pair
+    assert feed_back(tmp_path, _rows(), {"base": base, "compressed": small}) == 5
+    # the search reads it back without measuring: the device's figure, benchmarked
+    got = LatencyCache(tmp_path / "latency-arm.json", "arm").measure(base, small, torch.zeros(1, 1, 8, 8))
+    assert got["latency_reduction"] == pytest.approx(9.0 / 5.0) and got["latency_on_device"] == 1.0
+    host = LatencyCache(tmp_path / "latency-host.json", "host").measure(base, small, torch.zeros(1, 1, 8, 8))
+    assert host["latency_ms"] == pytest.approx(0.3)  # the fastest engine there: int8 vs its fp32 base, 2x
+    assert host["latency_reduction"] == pytest.approx(2.0)

@@ -216,7 +216,7 @@ def _mlflow_runs(ws: Path, run_id: str) -> dict[str, dict[str, str]]:
 
 def test_train_base_imports_a_registered_base_and_records_it(tmp_path, workspace, capsys):
     from tasks.cli import main
-    from tasks.stages import run_stage
+    from tasks.stage_runner import run_stage
 
     p = tmp_path / "p.yaml"
     p.write_text(PIPES)
@@ -258,7 +258,7 @@ def test_train_base_imports_a_registered_base_and_records_it(tmp_path, workspace
 
 
 def test_train_base_refuses_an_unknown_alias_and_leaves_nothing(tmp_path, workspace):
-    from tasks.stages import run_stage
+    from tasks.stage_runner import run_stage
 
     p = tmp_path / "p.yaml"
     p.write_text(PIPES)

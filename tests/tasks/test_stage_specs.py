@@ -26,10 +26,21 @@ def test_dvc_declares_the_same_stages_in_order():
     assert tuple(DVC) == STAGES == tuple(SPECS)
 
 
-def test_tasks_stages_reexports_the_order():
-    import tasks.stages
+def test_stages_folder_holds_one_run_module_per_stage_and_none_imports_another():
+    """tasks/stages/ is the stages and nothing else; what two stages share lives outside it."""
+    import ast
+    import importlib
 
-    assert tasks.stages.STAGES is STAGES
+    folder = REPO / "tasks" / "stages"
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    assert modules == set(STAGES)
+    for stage in STAGES:
+        assert callable(importlib.import_module(f"tasks.stages.{stage}").run), stage
+        tree = ast.parse((folder / f"{stage}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        others = {m for m in imported if m.startswith("tasks.stages")}
+        assert not others, f"tasks/stages/{stage}.py imports {others}: move what they share out of tasks/stages/"
 
 
 @pytest.mark.parametrize("stage", STAGES)

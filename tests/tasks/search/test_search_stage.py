@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tasks.errors import StageError
-from tasks.stages import run_stage
-from tasks.workspace import run_paths
+from tasks.plan import PLAN_FORMAT, plan_from_json
+from tasks.stage_runner import run_stage
+from tasks.workspace import read_json, run_paths
 
 SEARCH_PIPELINE = textwrap.dedent(
     """
@@ -74,9 +75,10 @@ def test_search_chooses_a_plan_and_records_every_trial(tmp_path, workspace):
     choice = json.loads((out / "choice.json").read_text())
     assert choice["feasible"] and "meeting the goal's cost limits" in choice["why"]
     assert choice["metrics"]["macs_reduction"] >= 1.5  # the speedup goal is solved inside every trial
-    plan = json.loads((out / "plan.json").read_text())
-    assert [p["op"] for p in plan] == ["channel_prune", "quantize_int8", "distill"]
-    assert plan[0]["target_macs_reduction"] == 1.5 and plan[0]["layer_scale"]
+    assert json.loads((out / "plan.json").read_text())["format"] == PLAN_FORMAT
+    plan = plan_from_json(read_json(out / "plan.json"))
+    assert [p.op for p in plan] == ["channel_prune", "quantize_int8", "distill"]
+    assert plan[0].target_macs_reduction == 1.5 and plan[0].layer_scale
     rows = json.loads((out / "trials.json").read_text())
     assert [r["trial"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0]["warm_start"] == "sensitivity"  # the scan's shape is tried first
@@ -100,8 +102,8 @@ def test_search_chooses_a_plan_and_records_every_trial(tmp_path, workspace):
 
     # the compress stage applies the chosen plan
     run_stage("compress", "s", "r1", config_path=cfg)
-    applied = json.loads((run_paths("s", "r1").stage_dir("compress") / "plan.json").read_text())
-    assert applied[0]["layer_scale"] == plan[0]["layer_scale"]
+    applied = plan_from_json(read_json(run_paths("s", "r1").stage_dir("compress") / "plan.json"))
+    assert applied[0].layer_scale == plan[0].layer_scale
 
 
 def test_an_infeasible_goal_is_reported_and_the_closest_kept(tmp_path, workspace):

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tasks.stages import run_stage
+from tasks.stage_runner import run_stage
 from tasks.workspace import run_paths
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

@@ -34,7 +34,7 @@ def pipelines_yaml(num_samples: int, promotion: str) -> str:
 def fake_run(workspace: Path, tmp_path: Path) -> Callable[..., Path]:
     """make(run_id, num_samples=400, untrained=False, goal_met=True, recorded_accuracy=99.0, onnx=False,
     promotion="{cost: none}") -> the run folder, after the register stage ran."""
-    from tasks.stages import run_stage
+    from tasks.stage_runner import run_stage
 
     def make(run_id: str, *, num_samples: int = 400, untrained: bool = False, goal_met: bool = True,
              recorded_accuracy: float = 99.0, onnx: bool = False, promotion: str = "{cost: none}") -> Path:

@@ -142,7 +142,7 @@ def test_an_equal_challenger_on_new_data_takes_over(workspace, fake_run):
 
 def test_a_rerun_keeps_its_version(workspace, fake_run):
     """Re-running register for the same run and package adds no version and keeps the alias."""
-    from tasks.stages import run_stage
+    from tasks.stage_runner import run_stage
 
     fake_run("a")
     out = run_stage("register", "synth", "a", config_path=workspace.parent / "pipelines-a.yaml",
@@ -172,7 +172,7 @@ def test_a_champion_registered_as_a_plain_folder_is_scored_too(workspace, fake_r
     assert dec["champion"]["latency_ms"] > 0 and not dec["promoted"]
     assert set(dec["checks"]) == {"goal", "accuracy", "cost"}
     # the champion's files are gone: nothing is promoted, and the reason says what to do
-    from tasks.stages import run_stage
+    from tasks.stage_runner import run_stage
 
     shutil.rmtree(old)
     out = run_stage("register", "synth", "b", config_path=workspace.parent / "pipelines-b.yaml", workspace=workspace)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tasks.errors import DatasetError, ModelLoadError, StageError, UnknownPipelineError
-from tasks.stages import run_stage
+from tasks.stage_runner import run_stage
 from tasks.workspace import run_paths
 
 

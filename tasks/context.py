@@ -48,3 +48,24 @@ class StageContext:
 
     def metrics(self, stage: str) -> dict[str, Any]:
         return read_json(self.paths.require(stage, "metrics.json"))
+
+    def plan(self) -> list[Any]:
+        """The op configs the compress stage applied (compress/plan.json)."""
+        from tasks.plan import plan_from_json
+
+        return plan_from_json(read_json(self.paths.require("compress", "plan.json")))
+
+    def deployed_model(self, model: nn.Module) -> nn.Module:
+        """model with the plan's post-training ops (int8) applied, as the finetune stage scored it (same
+        calibration batches): the quantized model the int8 and FPGA engines implement."""
+        import copy
+
+        from compression_ops import OpData
+        from tasks.plan import apply_ops, ops_in_phase
+
+        post = ops_in_phase(self.plan(), "post")
+        if not post:
+            return model
+        sp = self.splits()
+        data = OpData(example=self.example(1), batches=sp.batches("train", 64, train=True, seed=1), max_batches=16)
+        return apply_ops(self.cfg, copy.deepcopy(model), post, data, quiet=True)[0].eval()
