@@ -159,7 +159,7 @@ def work(s: Session, max_trials: int | None = None, deadline: float | None = Non
         trial = st.claim_trial(s.study, sc, s.url)
         if trial is None:
             break
-        with st.quiet_optuna(), st.Heartbeat(s.study, trial, sc.heartbeat_seconds):
+        with st.quiet_optuna(), st.Heartbeat(s.study, trial, sc.heartbeat_seconds), st.deferred_interrupt():
             try:
                 s.runner.run(s.study, trial)
             except KeyboardInterrupt:

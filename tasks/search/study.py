@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import signal
 import threading
 import warnings
 from collections.abc import Iterator
@@ -60,6 +61,46 @@ def quiet_optuna() -> Iterator[None]:
             yield
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+_INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Ctrl-C (SIGINT) while a trial trains stops it at its next epoch boundary (interruption_point),
+    not in the middle of a write to the study's storage, which left the session unusable and the trial
+    neither re-queued nor failed; a second Ctrl-C stops at once. After the block, a pending Ctrl-C is
+    raised as KeyboardInterrupt. Outside the main thread (where no handler can be set) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if _INTERRUPTED.is_set():
+            _INTERRUPTED.clear()
+            raise KeyboardInterrupt
+        _INTERRUPTED.set()
+
+    _INTERRUPTED.clear()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except BaseException:
+        _INTERRUPTED.clear()  # the block is stopping anyway
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if _INTERRUPTED.is_set():
+        _INTERRUPTED.clear()
+        raise KeyboardInterrupt
+
+
+def interruption_point() -> None:
+    """Raise KeyboardInterrupt when a Ctrl-C is pending (see deferred_interrupt): call it at a safe point."""
+    if _INTERRUPTED.is_set():
+        _INTERRUPTED.clear()
+        raise KeyboardInterrupt
 
 
 def _storage(url: str, sc: SearchConfig) -> optuna.storages.RDBStorage:

@@ -24,6 +24,7 @@ from compression_ops.quantize import quantized_state_dict
 from tasks.config import PipelineConfig
 from tasks.data.loaders import Splits, TensorBatches
 from tasks.search.space import SearchSpace
+from tasks.search.study import interruption_point
 from tasks.workspace import write_json
 
 
@@ -264,6 +265,7 @@ class TrialRunner:
         prunable = not self.space.multi_objective
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            interruption_point()  # a Ctrl-C during this epoch stops the trial here
             if run is not None:
                 run.metrics({"val_accuracy_epoch": row["val_accuracy"], "train_loss": row["train_loss"]}, step=epoch)
             if prunable and epoch < sc.trial_epochs:  # the last epoch's score is the result itself

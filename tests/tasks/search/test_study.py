@@ -9,6 +9,7 @@ import textwrap
 import warnings
 
 import optuna
+import pytest
 
 from tasks.search.study import HEARTBEAT_WARNING, quiet_optuna
 
@@ -66,3 +67,33 @@ def test_quiet_optuna_restores_the_verbosity_when_the_block_raises():
         assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
     finally:
         optuna.logging.set_verbosity(old)
+
+
+def test_ctrl_c_during_a_trial_waits_for_the_next_safe_point():
+    """The first SIGINT is held until interruption_point (an epoch boundary), a second one stops at once,
+    and the previous handler is back after the block."""
+    import os
+    import signal
+
+    from tasks.search.study import deferred_interrupt, interruption_point
+
+    before = signal.getsignal(signal.SIGINT)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            interruption_point()  # nothing pending: no-op
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the signal")  # not interrupted mid-write
+            interruption_point()
+            reached.append("past the safe point")
+    assert reached == ["after the signal"] and signal.getsignal(signal.SIGINT) is before
+
+    with pytest.raises(KeyboardInterrupt):  # a trial that ends before its next safe point: raised on the way out
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), deferred_interrupt():  # twice: at once
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("not reached")
+    assert reached == ["after the signal"]
+    interruption_point()  # nothing left pending after the blocks
