@@ -11,10 +11,11 @@ import contextlib
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from tasks.devices import Device
 from tasks.engines.base import (
     BuildJob,
     check_input,
@@ -24,9 +25,6 @@ from tasks.engines.base import (
     sha256_file,
 )
 from tasks.errors import ArtifactError
-
-if TYPE_CHECKING:
-    from tasks.devices import Device
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

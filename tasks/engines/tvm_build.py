@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.engines.base import (
-    BuildJob,
     check_input,
     diff_vs_reference,
     export_failed,
@@ -41,6 +40,7 @@ from tasks.errors import ArtifactError, StageError
 
 if TYPE_CHECKING:
     from tasks.devices import Device
+    from tasks.engines.base import BuildJob
 
 LIBRARY = "model.so"
 META = "meta.json"

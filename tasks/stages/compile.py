@@ -14,7 +14,7 @@ from typing import Any
 
 from tasks.context import StageContext
 from tasks.devices import get_device, registry_of
-from tasks.engines import builds
+from tasks.engines import Build, builds
 from tasks.engines.base import BuildJob
 from tasks.plan import ops_in_phase
 from tasks.progress import say
@@ -30,34 +30,38 @@ def tuning_db(ctx: StageContext, device: str) -> Path:
     return Path(db.replace("{device}", device)) if db else ctx.paths.root / "tuning" / f"{device}.json"
 
 
-def planned_builds(ctx: StageContext) -> list[Any]:
+def _int8_op(ctx: StageContext) -> Any | None:
+    """The plan's post-training int8 quantization (its calibration settings), if it has one."""
+    quant = [op for op in ops_in_phase(ctx.plan(), "post") if op.op == "quantize_int8"]
+    return quant[-1] if quant else None
+
+
+def planned_builds(ctx: StageContext, int8: Any | None) -> list[Build]:
     """What this pipeline builds: every (engine, model, device) its targets and benchmark.engines allow."""
     registry = registry_of(ctx.cfg)
-    quant = [op for op in ops_in_phase(ctx.plan(), "post") if op.op == "quantize_int8"]
     return builds(ctx.cfg.benchmark.engines, [get_device(n, registry) for n in ctx.cfg.targets],
-                  get_device("host", registry), int8_plan=bool(quant))
+                  get_device("host", registry), int8_plan=int8 is not None)
 
 
-def _job(ctx: StageContext, b: Any, out: Path, models: dict[str, Any]) -> BuildJob:
-    quant = [op for op in ops_in_phase(ctx.plan(), "post") if op.op == "quantize_int8"]
-    q = quant[-1] if quant else None
+def _job(ctx: StageContext, b: Build, out: Path, models: dict[str, Any], int8: Any | None) -> BuildJob:
     cc = ctx.cfg.compile
     return BuildJob(
         model=models[b.model], example=ctx.example(1), device=b.device, out=out / b.path, root=out, which=b.model,
         checkpoint=ctx.paths.require(SOURCE_STAGE[b.model], "model.pt"),
         batch_sizes=tuple(ctx.cfg.benchmark.batch_sizes), pad_channels=cc.pad_channels,
         tuning_db=tuning_db(ctx, b.target), tuning_budget_s=cc.tuning.budget_s,
-        calibration=(lambda: ctx.splits().tensors["train"][0][: 64 * q.calib_batches].numpy()) if q else None,
-        calibration_method=q.calibration if q else "minmax",
+        calibration=(lambda: ctx.splits().tensors["train"][0][: 64 * int8.calib_batches].numpy()) if int8 else None,
+        calibration_method=int8.calibration if int8 else "minmax",
         deployed=lambda: ctx.deployed_model(models[b.model]),
     )
 
 
 def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     models = {w: ctx.model(stage)[0] for w, stage in SOURCE_STAGE.items()}
+    int8 = _int8_op(ctx)
     artifacts = []
-    for b in planned_builds(ctx):
-        meta = b.engine.build(_job(ctx, b, out, models))
+    for b in planned_builds(ctx, int8):
+        meta = b.engine.build(_job(ctx, b, out, models, int8))
         say(f"{b.engine.name} {b.model} for {b.target}: {b.engine.describe(meta)}")
         artifacts.append({"model": b.model, "engine": b.engine.name, "target": b.target, "path": b.path, "meta": meta})
         if meta.get("max_abs_diff") is not None:
