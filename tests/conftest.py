@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +42,30 @@ def pipelines_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     p.write_text(TINY_PIPELINES)
     monkeypatch.setenv("SHRINKFLOW_PIPELINES", str(p))
     return p
+
+
+@pytest.fixture(scope="module")
+def rpc_server():
+    """A TVM RPC server of this machine's own architecture on a free loopback port (an RPC device that
+    needs no emulator); its RPCConfig. Stopped after the module."""
+    from tasks.devices import RPCConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                             "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("the TVM RPC server did not start within 60 s")
+                time.sleep(0.2)
+        yield RPCConfig(host="127.0.0.1", port=port, timeout_s=30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,16 +1,13 @@
 """One contract, every registered engine (tasks/engines/__init__.py): build, load, outputs match PyTorch,
 a corrupt artifact is refused, metadata round-trips. A new engine gets these tests by registering.
 
-The RPC engine is served by a TVM RPC server of this machine's own architecture on a free loopback port.
+The RPC engine is served by a TVM RPC server of this machine's own architecture on a free loopback port
+(the rpc_server fixture, tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,29 +25,6 @@ from tasks.models.checkpoint import save_checkpoint
 HOST = Device(name="host", target={"kind": "llvm", "mcpu": "native"})
 FPGA = Device(name="fpga", target={"kind": "hls", "io_type": "io_parallel", "reuse_factor": 1})
 TOLERANCE = {"float32": 1e-3, "int8": None, "fixed-point": None}  # int8/fixed: top-1 agreement instead
-
-
-@pytest.fixture(scope="module")
-def rpc_server():
-    """A TVM RPC server (this machine's architecture) on a free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
-                             "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("the TVM RPC server did not start within 60 s")
-    yield RPCConfig(host="127.0.0.1", port=port, timeout_s=30)
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def _device(engine_name: str, request: pytest.FixtureRequest) -> Device:
