@@ -79,6 +79,7 @@ class TestSplit:
     y: np.ndarray
     ref: dict[str, np.ndarray]  # float PyTorch logits by model ("base", "compressed")
     quantized: Callable[[], np.ndarray]  # the deployed (quantized) compressed model's logits
+    models: dict[str, Any]  # the float models themselves, by the same names
 
     @cached_property
     def deployed_ref(self) -> np.ndarray:
@@ -94,7 +95,7 @@ def test_split(ctx: StageContext, batch: int) -> TestSplit:
     models = {"base": ctx.model("train_base")[0], "compressed": ctx.model("finetune")[0]}
     ref = {w: logits(TorchRunner(m), x, batch) for w, m in models.items()}
     return TestSplit(x, sp.tensors["test"][1].numpy(), ref,
-                     lambda: logits(TorchRunner(ctx.deployed_model(models["compressed"])), x, batch))
+                     lambda: logits(TorchRunner(ctx.deployed_model(models["compressed"])), x, batch), models)
 
 
 def logits(runner: Any, x: np.ndarray, batch: int) -> np.ndarray:

@@ -42,7 +42,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
             + ", ".join(f"b{b} {v['engine']} {v['median_ms']:.3f} ms" for b, v in per.items())
             + (f"; {b1:.2f}x faster than the base in PyTorch eager at b1" if b1 else ""))
     _log(ctx.tracker, m, best, out)
-    feed_back(ctx.paths.root / "cache", m.rows, {"base": ctx.model("train_base")[0], "compressed": ctx.model("finetune")[0]})
+    feed_back(ctx.paths.root / "cache", m.rows, data.models)
     # int8 is compared with float PyTorch (what quantization changed), not with the model it runs
     exact = [c for c in m.checks if get_engine(c.engine).dtype != "int8"]
     return {"pairs": len(result["pairs"]), "max_abs_diff": max((c.max_abs_diff_vs_pytorch or 0.0) for c in exact),
