@@ -159,7 +159,7 @@ def _check_model(cfg: PipelineConfig, probe: Any):
     from tasks.stages.train_base import check_io
 
     m = cfg.model
-    what = f"model {m.name or m.factory}"
+    what = f"model {m.label()}"
     torch.manual_seed(cfg.train.seed)
     model = build_arch(arch_of(m), in_channels=probe.input_shape[0], num_classes=probe.num_classes)
     check_io(model, probe.input_shape, probe.num_classes, what)

@@ -70,7 +70,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         goal_s = (f"{goal.speedup}x " + ("fewer MACs, " if goal.metric == "macs" else "faster (measured), ")) if goal.speedup else ""
         goal_s += f"<= {goal.size_mb} MB, " if goal.size_mb else ""
         goal_s += f"<= {goal.latency_ms} ms, " if goal.latency_ms else ""
-        print(f"  {name:20s} {cfg.data.source} / {cfg.model.name or cfg.model.factory}; goal: {goal_s}"
+        print(f"  {name:20s} {cfg.data.source} / {cfg.model.label()}; goal: {goal_s}"
               f"<= {goal.max_accuracy_drop} pt drop; targets {', '.join(cfg.targets)}")
     runs = list_runs(args.workspace)
     print(f"\nRuns ({len(runs)}):" if runs else "\nNo runs yet: shrinkflow run <pipeline>")

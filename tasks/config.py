@@ -43,6 +43,10 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     name: str | None = Field(None, description="a model from the zoo, e.g. resnet8 or mobilenet_tiny")
     factory: str | None = Field(None, description="a user model as 'module:function'")
+    transformers: dict[str, Any] | None = Field(
+        None, description="a Hugging Face transformers image classifier by config: {model_type: vit, ...its "
+        "fields}; num_channels and num_labels follow the data",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = Field(
         None, description="the base's weights: a .pt state_dict or .safetensors file, models:/<name>@<alias>, "
@@ -51,11 +55,27 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.name is None) == (self.factory is None):
-            raise ValueError("give exactly one of 'name' (a zoo model) or 'factory' ('module:function')")
+        given = [k for k in ("name", "factory", "transformers") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'name' (a zoo model), 'factory' ('module:function') or 'transformers' "
+                f"(a transformers config); got {given or 'none'}"
+            )
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(f"factory {self.factory!r} must look like 'package.module:function'")
         return self
+
+    def arch(self) -> dict[str, Any]:
+        """The arch record that rebuilds this model (checkpoints, the registry): its source and kwargs."""
+        if self.transformers is not None:
+            return {"transformers": dict(self.transformers), "kwargs": self.kwargs}
+        return {"name": self.name, "kwargs": self.kwargs} if self.name else {"factory": self.factory, "kwargs": self.kwargs}
+
+    def label(self) -> str:
+        """How messages name the model."""
+        if self.transformers is not None:
+            return f"transformers {self.transformers.get('model_type', '?')}"
+        return self.name or self.factory
 
 
 class TrainConfig(_Strict):

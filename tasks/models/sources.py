@@ -120,8 +120,8 @@ def load_base(model_cfg: ModelConfig, *, in_channels: int, num_classes: int, wor
     from tasks.models.checkpoint import load_weights_strict
     from tasks.models.user import build_arch
 
-    arch = {"name": model_cfg.name} if model_cfg.name else {"factory": model_cfg.factory}
-    model = build_arch({**arch, "kwargs": model_cfg.kwargs}, in_channels=in_channels, num_classes=num_classes)
+    arch = model_cfg.arch()
+    model = build_arch(arch, in_channels=in_channels, num_classes=num_classes)
     if not model_cfg.weights:
         return model, None
     base = resolve_base(model_cfg, workspace, tracking_uri=tracking_uri)
@@ -129,14 +129,14 @@ def load_base(model_cfg: ModelConfig, *, in_channels: int, num_classes: int, wor
     try:
         load_weights_strict(model, base.state_dict(), source=source)
     except ModelLoadError as e:
-        if base.arch and _arch_key(base.arch) != _arch_key({**arch, "kwargs": model_cfg.kwargs}):
+        if base.arch and _arch_key(base.arch) != _arch_key(arch):
             raise ModelLoadError(f"{e} The registry records these weights as {base.arch}.") from e
         raise
     return model, base
 
 
 def _arch_key(arch: dict[str, Any]) -> tuple:
-    return arch.get("name"), arch.get("factory"), arch.get("kwargs") or {}
+    return arch.get("name"), arch.get("factory"), arch.get("transformers"), arch.get("kwargs") or {}
 
 
 def read_artifact(path: Path, uri: str) -> dict[str, torch.Tensor]:

@@ -35,8 +35,7 @@ def import_factory(spec: str):
 
 def arch_of(model_cfg: Any) -> dict[str, Any]:
     """The arch record of a pipeline's model section: zoo name or factory, and kwargs."""
-    m = model_cfg
-    return {"name": m.name, "kwargs": m.kwargs} if m.name else {"factory": m.factory, "kwargs": m.kwargs}
+    return model_cfg.arch()
 
 
 def build_arch(arch: dict[str, Any], *, in_channels: int, num_classes: int) -> nn.Module:
@@ -46,6 +45,10 @@ def build_arch(arch: dict[str, Any], *, in_channels: int, num_classes: int) -> n
     kwargs = dict(arch.get("kwargs", {}))
     if arch.get("name"):
         return create_model(arch["name"], in_channels=in_channels, num_classes=num_classes, **kwargs)
+    if arch.get("transformers") is not None:
+        from tasks.models.hf import build_transformers
+
+        return build_transformers(arch["transformers"], in_channels=in_channels, num_classes=num_classes)
     fn = import_factory(arch["factory"])
     try:
         model = fn(**kwargs)

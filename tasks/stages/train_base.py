@@ -49,7 +49,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     torch.manual_seed(tc.seed)
     # With model.weights (a file, models:/ or runs:/) the imported weights are the base: no training.
     model, base = load_base(ctx.cfg.model, in_channels=shape[0], num_classes=n_cls, workspace=ctx.paths.root)
-    what = f"model {ctx.cfg.model.name or ctx.cfg.model.factory}"
+    what = f"model {ctx.cfg.model.label()}"
     check_io(model, shape, n_cls, what)
     sp = ctx.splits()
     history: list[dict] = []
