@@ -45,26 +45,44 @@ def prunable_convs(model: nn.Module, example: torch.Tensor) -> list[str]:
     ]
 
 
+def prune_roots(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The root layer of every channel-pruning group: pruning any other member of a group prunes the same
+    channels, so scanning the roots alone says all the scan can say, for a fraction of the work."""
+    from compression_ops.channel_prune import prune_groups
+
+    return [g[0] for g in prune_groups(model, example)]
+
+
 def prune_sensitivity(
-    model: nn.Module, data: OpData, accuracy: Callable[[nn.Module], float], ratios: Sequence[float] = (0.25, 0.5, 0.75)
+    model: nn.Module,
+    data: OpData,
+    accuracy: Callable[[nn.Module], float],
+    ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    layers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Prune each conv's channels alone (L2 magnitude; coupled layers of its group follow) at each ratio."""
+    """Prune each layer's channels alone (L2 magnitude; coupled layers of its group follow) at each ratio.
+    layers: the layers to scan (default: every prunable conv; prune_roots gives one per group)."""
 
     def perturb(m: nn.Module, layer: str, ratio: float) -> nn.Module:
         return apply(m, ChannelPrune(ratio=0.0, per_layer={layer: ratio}), data).model
 
-    out = scan(model, prunable_convs(model, data.example), ratios, perturb, accuracy)
+    names = prunable_convs(model, data.example) if layers is None else list(layers)
+    out = scan(model, names, ratios, perturb, accuracy)
     out["kind"] = "channel_prune"
     return out
 
 
+def weight_layers(model: nn.Module) -> list[str]:
+    """Layers whose weights quantization rounds: every Conv2d and Linear."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
 def weight_bits_sensitivity(
-    model: nn.Module, accuracy: Callable[[nn.Module], float], bits: Sequence[int] = (8, 4, 2)
+    model: nn.Module, accuracy: Callable[[nn.Module], float], bits: Sequence[int] = (8, 4, 2),
+    layers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Round one layer's weights to `bits` (symmetric, per output channel), all else in float."""
     from compression_ops.quant_ranges import quantize_weight_per_channel
-
-    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
 
     def perturb(m: nn.Module, layer: str, b: int) -> nn.Module:
         mod = dict(m.named_modules())[layer]
@@ -72,6 +90,6 @@ def weight_bits_sensitivity(
             mod.weight.copy_(quantize_weight_per_channel(mod.weight, b))
         return m
 
-    out = scan(model, layers, bits, perturb, accuracy)
+    out = scan(model, weight_layers(model) if layers is None else list(layers), bits, perturb, accuracy)
     out["kind"] = "weight_bits"
     return out

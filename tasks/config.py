@@ -113,10 +113,17 @@ class DistillConfig(_Strict):
 
 
 class SensitivityConfig(_Strict):
-    enabled: bool = True
+    enabled: bool | Literal["auto"] = Field(
+        "auto", description="auto: scan when the search runs (it shapes the per-group ratios and the first trial); "
+        "true: always (for the plot); false: never",
+    )
     prune_ratios: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
     weight_bits: list[Annotated[int, Field(ge=1, le=8)]] = Field(default_factory=lambda: [8, 4, 2])
-    val_images: int = Field(2000, gt=0, description="validation images per evaluation (a subset keeps it fast)")
+    val_images: int = Field(2000, gt=0, description="validation images per evaluation at most (a subset keeps it fast)")
+    budget_s: float = Field(
+        60.0, gt=0, description="about how long the scan may take: deeper models are scanned on fewer images "
+        "(down to 250 per evaluation)",
+    )
 
 
 class CompressionConfig(_Strict):

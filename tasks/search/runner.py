@@ -43,29 +43,70 @@ def shared_dir(paths: RunPaths) -> Path:
     return paths.run_dir / "search_shared"
 
 
+# Ops that round weights to fewer bits: the weight-bits scan is of use only to plans that have one.
+WEIGHT_BIT_OPS = ("quantize_int8", "qat", "kmeans")
+MIN_SCAN_IMAGES = 250
+
+
+def sensitivity_wanted(cfg: PipelineConfig) -> tuple[bool, str]:
+    """Whether this run scans sensitivity, and why (enabled: auto scans when the search will read it)."""
+    enabled = cfg.compression.sensitivity.enabled
+    if enabled is True:
+        return True, "compression.sensitivity.enabled: true"
+    if enabled is False:
+        return False, "compression.sensitivity.enabled: false"
+    if cfg.search.n_trials == 0:
+        return False, "no search reads it (search.n_trials: 0); set compression.sensitivity.enabled: true to scan anyway"
+    return True, "the search shapes its per-group ratios and first trial by it"
+
+
 def sensitivity_scan(cfg: PipelineConfig, model, splits, data) -> dict[str, Any]:
+    """Prune each pruning group's root alone, and round each layer's weights alone (when the plan quantizes),
+    on as many validation images as compression.sensitivity.budget_s allows (at least 250, at most val_images)."""
+    import time
+
     from compression_ops import evaluate
-    from compression_ops.sensitivity import prune_sensitivity, weight_bits_sensitivity
+    from compression_ops.sensitivity import (
+        prune_roots,
+        prune_sensitivity,
+        weight_bits_sensitivity,
+        weight_layers,
+    )
 
     sc = cfg.compression.sensitivity
+    ops = {e["op"] for e in cfg.compression.plan}
+    roots = prune_roots(model, data.example) if "channel_prune" in ops else []
+    bit_layers = weight_layers(model) if ops & set(WEIGHT_BIT_OPS) else []
+    evaluations = 1 + len(roots) * len(sc.prune_ratios) + len(bit_layers) * len(sc.weight_bits)
     x, y = splits.tensors["val"]
-    val = [(x[i : i + 500], y[i : i + 500]) for i in range(0, min(len(y), sc.val_images), 500)]
+    probe = min(len(y), MIN_SCAN_IMAGES)
+    t0 = time.perf_counter()
+    evaluate(model, [(x[:probe], y[:probe])])
+    per_image = (time.perf_counter() - t0) / max(probe, 1)
+    # the budget's images per evaluation; pruning a copy costs about one probe evaluation more
+    fit = int(sc.budget_s / max(evaluations, 1) / max(per_image, 1e-9)) - probe
+    n = min(sc.val_images, len(y), max(fit, MIN_SCAN_IMAGES))
+    val = [(x[i : min(i + 500, n)], y[i : min(i + 500, n)]) for i in range(0, n, 500)]
 
     def accuracy(m) -> float:
         return evaluate(m, val)["accuracy"]
 
-    scans = [
-        prune_sensitivity(model, data, accuracy, sc.prune_ratios),
-        weight_bits_sensitivity(model, accuracy, sc.weight_bits),
-    ]
-    return {"val_images": sum(len(b[1]) for b in val), "scans": scans}
+    t0 = time.perf_counter()
+    scans = []
+    if roots:
+        scans.append(prune_sensitivity(model, data, accuracy, sc.prune_ratios, layers=roots))
+    if bit_layers:
+        scans.append(weight_bits_sensitivity(model, accuracy, sc.weight_bits, layers=bit_layers))
+    return {"val_images": n, "evaluations": evaluations, "seconds": round(time.perf_counter() - t0, 2), "scans": scans}
 
 
 def load_or_scan_sensitivity(cfg: PipelineConfig, paths: RunPaths, model, splits) -> dict[str, Any] | None:
     from compression_ops import OpData
     from tasks.plots import plot_sensitivity
 
-    if not cfg.compression.sensitivity.enabled:
+    wanted, why = sensitivity_wanted(cfg)
+    if not wanted:
+        say(f"sensitivity: not scanned ({why})")
         return None
     path = shared_dir(paths) / "sensitivity.json"
     if path.is_file():
@@ -74,7 +115,10 @@ def load_or_scan_sensitivity(cfg: PipelineConfig, paths: RunPaths, model, splits
     sens = sensitivity_scan(cfg, model, splits, data)
     write_json(path, sens)
     plot_sensitivity(sens["scans"], path.with_suffix(".png"), title=f"{cfg.name}: layer sensitivity (no fine-tuning)")
-    worst = max(sens["scans"][0]["rows"], key=lambda r: r["drop"], default=None)
+    say(f"sensitivity: {sens['evaluations']} evaluations on {sens['val_images']} validation images in "
+        f"{sens['seconds']:.0f} s ({why})")
+    prune_scan = next((sc for sc in sens["scans"] if sc["kind"] == "channel_prune"), None)
+    worst = max(prune_scan["rows"], key=lambda r: r["drop"], default=None) if prune_scan else None
     if worst:
         say(f"sensitivity: most sensitive to pruning is {worst['layer']} ({worst['drop']:+.2f} pt at ratio {worst['setting']})")
     return sens

@@ -54,3 +54,17 @@ def test_scan_is_generic():
     m = torch.nn.Linear(2, 2)
     out = scan(m, ["a", "b"], [1, 2], lambda mm, layer, s: mm, lambda mm: 50.0)
     assert [(r["layer"], r["setting"], r["drop"]) for r in out["rows"]] == [("a", 1, 0.0), ("a", 2, 0.0), ("b", 1, 0.0), ("b", 2, 0.0)]
+
+
+def test_prune_roots_scan_one_layer_per_group():
+    from compression_ops.channel_prune import prune_groups
+    from compression_ops.sensitivity import prune_roots
+
+    m = _model()
+    roots = prune_roots(m, X)
+    groups = prune_groups(m, X)
+    assert roots == [g[0] for g in groups]
+    # a residual network ties several convs into one group: the roots are fewer than the prunable convs
+    assert 0 < len(roots) < len(prunable_convs(m, X))
+    out = prune_sensitivity(m, OpData(example=X), _agreement_with(m), ratios=(0.5,), layers=roots)
+    assert [r["layer"] for r in out["rows"]] == roots
