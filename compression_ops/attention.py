@@ -125,3 +125,11 @@ def sync_attributes(att: Attention) -> None:
     setattr(att.module, att.heads_attr, heads)
     if _int(att.module, "all_head_size") is not None:
         att.module.all_head_size = heads * att.head_dim
+
+
+def sync_torch_mha(model: nn.Module) -> None:
+    """torch's MultiheadAttention after Torch-Pruning narrowed it: its head_dim attribute follows embed_dim."""
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            m.head_dim = m.embed_dim // m.num_heads
+            m.kdim, m.vdim = (m.embed_dim, m.embed_dim) if m._qkv_same_embed_dim else (m.kdim, m.vdim)

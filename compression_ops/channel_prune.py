@@ -176,8 +176,8 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
         named = [ratio_dict[m] for m in (att.module, *att.projections) if m in ratio_dict]
         return named[0] if named else uniform
 
-    heads_kw = prune_plan.attention_kwargs(atts, ratio_of)
-    per_head = heads_kw.pop("ignored_per_head", [])
+    heads_kw = prune_plan.attention_kwargs(list(modules.values()), atts, ratio_of)
+    per_head = [getattr(owner, attr) for a in atts for owner, attr, _ in a.per_head.values()]
     batches = data.limited() if cfg.importance in NEEDS_BATCHES else []
     if cfg.importance in NEEDS_BATCHES and not batches:
         what = "gradient x weight" if cfg.importance == "taylor" else "auxiliary heads and gradients"
@@ -194,10 +194,7 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
         pruning_ratio_dict=ratio_dict or None,
         ignored_layers=ignored + per_head,
         round_to=cfg.round_to,
-        # fresh dicts: MetaPruner's defaults are shared between calls and it writes into them
-        in_channel_groups={},
-        out_channel_groups={},
-        **({"num_heads": {}} | heads_kw),
+        **heads_kw,
     )
     extra: dict[str, Any] = {}
     if cfg.importance == "dcp":
@@ -214,6 +211,7 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
     single = [a.name for a in atts if a.heads == 1]
     applied, skipped = prune_plan.GroupPruner(pruner, model, atts).prune(data.example, shape)
     model.zero_grad(set_to_none=True)
+    attention.sync_torch_mha(model)
     skipped.update({names[m]: "its outputs are the classes" for m in outputs})
     skipped.update({n: "named in the config's ignore list" for n in cfg.ignore})
     skipped.update({n: "heads left unpruned: a single head, and one is always kept" for n in single})
@@ -349,21 +347,22 @@ def channel_prune(model: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult
 
 
 def prune_groups(model: nn.Module, example: torch.Tensor) -> list[list[str]]:
-    """The conv layers channel pruning removes together (residual adds tie them), root layer first.
+    """The conv and linear layers channel pruning removes together (residual adds tie them), root first.
 
     Torch-Pruning reads a group's ratio from its root, so per-group settings (the search's per-layer
-    ratios, layer_scale) are keyed by the root's name.
+    ratios, layer_scale) are keyed by the root's name. An attention group's ratio sets how many heads go.
     """
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
     graph = tp.DependencyGraph().build_dependency(model, example)
     groups = []
-    for g in graph.get_all_groups(ignored_layers=output_layers(model, example), root_module_types=[nn.Conv2d]):
+    roots = [nn.Conv2d, nn.Linear]
+    for g in graph.get_all_groups(ignored_layers=output_layers(model, example), root_module_types=roots):
         root = names[g[0][0].target.module]
         members = {
             names[dep.target.module] for dep, _ in g
-            if isinstance(dep.target.module, nn.Conv2d) and dep.handler == tp.prune_conv_out_channels
+            if isinstance(dep.target.module, nn.Conv2d | nn.Linear) and graph.is_out_channel_pruning_fn(dep.handler)
         }
         groups.append([root, *sorted(members - {root})])
     order = {n: i for i, n in enumerate(names.values())}

@@ -22,6 +22,13 @@ from compression_ops import attention as attn
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
+def _out_width(m: nn.Module) -> int | None:
+    """Output channels of a layer the report names (None for the rest)."""
+    if isinstance(m, LAYERS):
+        return m.weight.shape[0]
+    return m.embed_dim if isinstance(m, nn.MultiheadAttention) else None
+
+
 def _gist(e: BaseException) -> str:
     msg = " ".join(str(e).split())
     return f"{type(e).__name__}: {msg[:160]}{'...' if len(msg) > 160 else ''}"
@@ -47,22 +54,24 @@ def output_problem(model: nn.Module, example: torch.Tensor, shape: Sequence[int]
     return None
 
 
-def attention_kwargs(atts: list[attn.Attention], ratio_of: Callable[[attn.Attention], float]) -> dict[str, Any]:
-    """MetaPruner arguments that remove whole heads (never head dims) at each attention's own ratio."""
-    num_heads, head_ratios = {}, {}
-    for a in atts:
-        for p in a.projections:
-            num_heads[p] = a.heads
-            head_ratios[p] = attn.head_ratio(a.heads, ratio_of(a))
-    if not atts:
-        return {}
-    return {
-        "num_heads": num_heads,
-        "prune_num_heads": True,
-        "prune_head_dims": False,
-        "head_pruning_ratio_dict": head_ratios,
-        "ignored_per_head": [getattr(o, n) for a in atts for o, n, _ in a.per_head.values()],
-    }
+def attention_kwargs(
+    modules: Sequence[nn.Module], atts: list[attn.Attention], ratio_of: Callable[[attn.Attention], float]
+) -> dict[str, Any]:
+    """MetaPruner arguments that remove whole heads (never head dims) at each attention's own ratio; fresh
+    dicts every time, since MetaPruner's defaults are shared between calls and it writes into them.
+
+    torch's nn.MultiheadAttention is Torch-Pruning's own: it narrows the embedding, by the same amount in
+    every head (channel groups of num_heads) so the width still divides by the head count."""
+    mha = {m: m.num_heads for m in modules if isinstance(m, nn.MultiheadAttention)}
+    kwargs: dict[str, Any] = {"out_channel_groups": mha, "in_channel_groups": dict(mha), "num_heads": {}}
+    if atts:
+        kwargs.update(
+            num_heads={p: a.heads for a in atts for p in a.projections},
+            prune_num_heads=True,
+            prune_head_dims=False,
+            head_pruning_ratio_dict={p: attn.head_ratio(a.heads, ratio_of(a)) for a in atts for p in a.projections},
+        )
+    return kwargs
 
 
 class GroupPruner:
@@ -150,7 +159,7 @@ class GroupPruner:
     def prune(self, example: torch.Tensor, shape: Sequence[int]) -> tuple[list[str], dict[str, str]]:
         """Dry-run, then prune the groups that keep the model working; (applied, skipped) layer names."""
         bad = self.dry_run(example, shape)
-        widths = {n: m.weight.shape[0] for n, m in self.model.named_modules() if isinstance(m, LAYERS)}
+        widths = {n: _out_width(m) for n, m in self.model.named_modules() if _out_width(m)}
         heads = {a.name: a.heads for a in self.atts}
         skipped: dict[str, str] = {}
         for i, group in enumerate(self.groups):
@@ -162,6 +171,6 @@ class GroupPruner:
                 self._prune(group, None, {a.name: a for a in self.atts})
         applied = [
             n for n, m in self.model.named_modules()
-            if n in widths and m.weight.shape[0] < widths[n] or any(a.name == n and a.heads < heads[n] for a in self.atts)
+            if n in widths and _out_width(m) < widths[n] or any(a.name == n and a.heads < heads[n] for a in self.atts)
         ]
         return applied, skipped
