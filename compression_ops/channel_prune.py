@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compression_ops import attention, prune_plan
 from compression_ops.base import OpConfig, OpConfigError, OpData, OpResult, check_range, register_op
 from compression_ops.metrics import count_macs, count_params
 
@@ -114,11 +115,20 @@ class ChannelPrune(OpConfig):
             check_range("round_to", self.round_to, 1, 1024)
 
 
+class OpBrokeModel(RuntimeError):
+    """An op's result fails the output check (the example no longer gives finite outputs of the same shape)."""
+
+
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     """Layers whose outputs are the logits: pruning them would change the number of classes."""
     with torch.no_grad():
         n_out = model(example).shape[-1]
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == n_out]
+
+
+def _width(layer: nn.Module) -> int:
+    """Output channels of a conv or linear layer (1 for anything else)."""
+    return getattr(layer, "out_channels", None) or getattr(layer, "out_features", None) or 1
 
 
 def _layer_cap(channels: int, round_to: int | None) -> float:
@@ -128,25 +138,46 @@ def _layer_cap(channels: int, round_to: int | None) -> float:
     return max(0.0, min(0.95, 1.0 - (keep + 0.5) / max(channels, 1)))
 
 
-def _ratio_cap(model: nn.Module, round_to: int | None) -> float:
-    """The largest uniform ratio that leaves the narrowest conv a channel (a group of round_to)."""
-    narrowest = min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
-    return _layer_cap(narrowest, round_to)
+def _ratio_cap(model: nn.Module, round_to: int | None, skip: list[nn.Module] = ()) -> float:
+    """The largest uniform ratio that leaves the narrowest prunable conv or linear layer a channel (a group
+    of round_to); `skip`: layers that are not pruned (the classifier). Single-channel layers never are."""
+    widths = [
+        _width(m) for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear) and _width(m) > 1 and not any(m is s for s in skip)
+    ]
+    return _layer_cap(min(widths, default=2), round_to)
 
 
 def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpData) -> dict[str, Any]:
-    """Prune `model` itself; returns what the importance criterion has to report (dcp: its heads)."""
+    """Prune `model` itself; returns the report's entries on what was pruned and skipped (and what the
+    importance criterion has to report, e.g. dcp's heads)."""
     import torch_pruning as tp
 
     modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items()}
     unknown = [n for n in [*cfg.ignore, *(cfg.per_layer or {}), *(cfg.layer_scale or {})] if n not in modules]
     if unknown:
         raise OpConfigError(f"layer name(s) {unknown} not in the model; names look like {list(modules)[1:4]}")
-    ignored = output_layers(model, data.example) + [modules[n] for n in cfg.ignore]
+    was_training = model.training
+    with torch.no_grad():
+        shape = tuple(model.eval()(data.example).shape)
+    model.train(was_training)
+    outputs = output_layers(model, data.example)
+    ignored = outputs + [modules[n] for n in cfg.ignore]
+    cap = _ratio_cap(model, cfg.round_to, outputs)
+    uniform = min(ratio, cap) if cfg.layer_scale else ratio
     ratio_dict = {modules[n]: r for n, r in (cfg.per_layer or {}).items()}
     for n, scale in (cfg.layer_scale or {}).items():
-        conv = modules[n]
-        ratio_dict[conv] = max(0.0, min(ratio * scale, _layer_cap(getattr(conv, "out_channels", 1), cfg.round_to)))
+        layer = modules[n]
+        ratio_dict[layer] = max(0.0, min(ratio * scale, _layer_cap(_width(layer), cfg.round_to)))
+    atts = attention.find_attention(model)
+
+    def ratio_of(att: attention.Attention) -> float:
+        named = [ratio_dict[m] for m in (att.module, *att.projections) if m in ratio_dict]
+        return named[0] if named else uniform
+
+    heads_kw = prune_plan.attention_kwargs(list(modules.values()), atts, ratio_of)
+    per_head = [getattr(owner, attr) for a in atts for owner, attr, _ in a.per_head.values()]
     batches = data.limited() if cfg.importance in NEEDS_BATCHES else []
     if cfg.importance in NEEDS_BATCHES and not batches:
         what = "gradient x weight" if cfg.importance == "taylor" else "auxiliary heads and gradients"
@@ -159,10 +190,11 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
         data.example,
         importance=importance,
         # with layer_scale a solved scale can pass the cap: the layers it does not name stop at the cap
-        pruning_ratio=min(ratio, _ratio_cap(model, cfg.round_to)) if cfg.layer_scale else ratio,
+        pruning_ratio=uniform,
         pruning_ratio_dict=ratio_dict or None,
-        ignored_layers=ignored,
+        ignored_layers=ignored + per_head,
         round_to=cfg.round_to,
+        **heads_kw,
     )
     extra: dict[str, Any] = {}
     if cfg.importance == "dcp":
@@ -175,8 +207,20 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
         for x, y in batches:
             F.cross_entropy(model(x), y).backward()
         model.train(was_training)
-    pruner.step()
+    heads0 = sum(a.heads for a in atts)
+    single = [a.name for a in atts if a.heads == 1]
+    applied, skipped = prune_plan.GroupPruner(pruner, model, atts).prune(data.example, shape)
     model.zero_grad(set_to_none=True)
+    attention.sync_torch_mha(model)
+    skipped.update({names[m]: "its outputs are the classes" for m in outputs})
+    skipped.update({n: "named in the config's ignore list" for n in cfg.ignore})
+    skipped.update({n: "heads left unpruned: a single head, and one is always kept" for n in single})
+    extra.update(applied=applied, skipped=skipped)
+    if atts:
+        extra.update(heads_before=heads0, heads_after=sum(a.heads for a in atts))
+    problem = prune_plan.output_problem(model, data.example, shape)
+    if problem is not None:
+        raise OpBrokeModel(f"channel_prune broke the model: {problem} (pruned: {', '.join(applied) or 'nothing'})")
     return extra
 
 
@@ -194,7 +238,7 @@ def _bisect_ratio(
     # Torch-Pruning skips a layer whose ratio would leave it no channel, which breaks the bisection's
     # monotonicity at high ratios: cap the ratio so the narrowest layer keeps one channel (one group of
     # round_to channels when rounding).
-    lo, hi = 0.0, _ratio_cap(model, cfg.round_to)
+    lo, hi = 0.0, _ratio_cap(model, cfg.round_to, output_layers(model, data.example))
     scales = [s for s in (cfg.layer_scale or {}).values() if s > 0]
     if scales and min(scales) < 1:
         # Scaled layers are capped one by one: go up until the least-scaled layer reaches its cap too.
@@ -303,21 +347,22 @@ def channel_prune(model: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult
 
 
 def prune_groups(model: nn.Module, example: torch.Tensor) -> list[list[str]]:
-    """The conv layers channel pruning removes together (residual adds tie them), root layer first.
+    """The conv and linear layers channel pruning removes together (residual adds tie them), root first.
 
     Torch-Pruning reads a group's ratio from its root, so per-group settings (the search's per-layer
-    ratios, layer_scale) are keyed by the root's name.
+    ratios, layer_scale) are keyed by the root's name. An attention group's ratio sets how many heads go.
     """
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
     graph = tp.DependencyGraph().build_dependency(model, example)
     groups = []
-    for g in graph.get_all_groups(ignored_layers=output_layers(model, example), root_module_types=[nn.Conv2d]):
+    roots = [nn.Conv2d, nn.Linear]
+    for g in graph.get_all_groups(ignored_layers=output_layers(model, example), root_module_types=roots):
         root = names[g[0][0].target.module]
         members = {
             names[dep.target.module] for dep, _ in g
-            if isinstance(dep.target.module, nn.Conv2d) and dep.handler == tp.prune_conv_out_channels
+            if isinstance(dep.target.module, nn.Conv2d | nn.Linear) and graph.is_out_channel_pruning_fn(dep.handler)
         }
         groups.append([root, *sorted(members - {root})])
     order = {n: i for i, n in enumerate(names.values())}

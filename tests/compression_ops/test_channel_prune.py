@@ -225,3 +225,25 @@ def test_only_one_target():
         ChannelPrune(target_latency_reduction=0.5)
     c = ChannelPrune(target_latency_reduction=1.5, importance="dcp")
     assert config_from_dict(c.to_dict()) == c
+
+
+def test_report_names_what_was_pruned_and_what_was_left():
+    m = create_model("resnet8", in_channels=1, num_classes=10)
+    rep = apply(m, ChannelPrune(ratio=0.3, ignore=["layers.2.conv1"]), OpData(example=X)).report
+    assert rep["skipped"] == {"fc": "its outputs are the classes", "layers.2.conv1": "named in the config's ignore list"}
+    assert "stem.0" in rep["applied"] and "layers.2.conv1" not in rep["applied"] and "fc" not in rep["applied"]
+    assert "heads_before" not in rep  # no attention, no head counts
+
+
+def test_a_model_the_output_check_fails_raises_op_broke_model(monkeypatch):
+    from compression_ops import prune_plan
+    from compression_ops.channel_prune import OpBrokeModel
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(x.shape[0], 8, -1).mean(-1)
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), Fixed(), torch.nn.Linear(8, 10))
+    monkeypatch.setattr(prune_plan.GroupPruner, "dry_run", lambda self, example, shape: {})  # no dry run
+    with pytest.raises(OpBrokeModel, match=r"channel_prune broke the model: forward raises RuntimeError.*pruned: 0"):
+        apply(m, ChannelPrune(ratio=0.5), OpData(example=X))
