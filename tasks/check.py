@@ -61,9 +61,12 @@ def check_pipeline(
             ok(line)
     probe, line = _check_data(cfg)
     ok(line)
-    model, line = _check_model(cfg, probe)
+    model, line, base = _check_model(cfg, probe)
     ok(line)
-    ok(_check_weights(cfg, model, workspace, config_path))
+    if base is not None:
+        ok(f"weights: held by model {cfg.model.label()} (sha256 {base.sha256[:12]})")
+    else:
+        ok(_check_weights(cfg, model, workspace, config_path))
     ok(_check_plan(cfg, model, probe))
     if services:
         from tasks.workspace import project_workspace
@@ -152,20 +155,45 @@ def _check_data(cfg: PipelineConfig):
 
 
 def _check_model(cfg: PipelineConfig, probe: Any):
-    """The model builds (zoo name or user factory), takes the data's images and returns [N, classes]."""
+    """The model builds (zoo name, user factory, transformers config or folder, .pt2), takes the data's
+    images and returns [N, classes]. A folder or .pt2 is loaded with its weights, as train_base loads it."""
     import torch
 
+    from tasks.models.sources import load_base
     from tasks.models.user import arch_of, build_arch
     from tasks.stages.train_base import check_io
 
     m = cfg.model
     what = f"model {m.label()}"
     torch.manual_seed(cfg.train.seed)
-    model = build_arch(arch_of(m), in_channels=probe.input_shape[0], num_classes=probe.num_classes)
-    check_io(model, probe.input_shape, probe.num_classes, what)
+    base = None
+    if m.brings_weights():
+        model, base = load_base(m, in_channels=probe.input_shape[0], num_classes=probe.num_classes)
+    else:
+        model = build_arch(arch_of(m), in_channels=probe.input_shape[0], num_classes=probe.num_classes)
+    try:
+        check_io(model, probe.input_shape, probe.num_classes, what)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{_where(cfg)}: {e}{_size_hint(cfg, probe.input_shape)}") from None
     n_params = sum(p.numel() for p in model.parameters())
     return model, f"{what}: builds ({n_params:,} parameters), takes [N, {', '.join(map(str, probe.input_shape))}]" \
-                  f" and returns [N, {probe.num_classes}]"
+                  f" and returns [N, {probe.num_classes}]", base
+
+
+def _size_hint(cfg: PipelineConfig, shape: list[int]) -> str:
+    """For a transformers model whose config's image_size is not the data's: say so, and what to change."""
+    from tasks.models.user import arch_of
+
+    if cfg.model.transformers is None:
+        return ""
+    fields = arch_of(cfg.model)["transformers"]
+    size = fields.get("image_size")
+    sizes = list(size) if isinstance(size, list | tuple) else [size, size]
+    if size is None or sizes == list(shape[1:]):
+        return ""
+    return (f" Its config has image_size={size} (patch_size={fields.get('patch_size', '?')}) but the data's images "
+            f"are {shape[1]}x{shape[2]}: set image_size (and a patch_size that divides it) in model.transformers, "
+            "or resize the data")
 
 
 def _check_weights(cfg: PipelineConfig, model: Any, workspace: str | os.PathLike | None,
@@ -204,6 +232,8 @@ def _check_plan(cfg: PipelineConfig, model: Any, probe: Any) -> str:
     """The plan's op configs, built as the search (n_trials > 0) or compress stage builds them, in phase order."""
     import torch
 
+    if cfg.model.exported is not None:
+        _check_exported_plan(cfg)
     if cfg.search.n_trials > 0:
         from tasks.search.space import SearchSpace
 
@@ -219,6 +249,25 @@ def _check_plan(cfg: PipelineConfig, model: Any, probe: Any) -> str:
     ops = " -> ".join(op.op for op in plan if op.phase != "finetune") or "(no ops)"
     distill = ", distillation in fine-tuning" if any(op.phase == "finetune" for op in plan) else ""
     return f"compression plan: {ops}{distill}; {how}"
+
+
+def _check_exported_plan(cfg: PipelineConfig) -> None:
+    """A .pt2 graph has no layers to prune, factorise, sparsify or quantize: only fine-tune ops apply."""
+    import compression_ops  # noqa: F401  (registers every op config)
+    from compression_ops.base import registered_configs
+    from tasks.models.exported import STRUCTURE_FREE_PHASES
+
+    configs = registered_configs()
+    for i, entry in enumerate(cfg.compression.plan):
+        op = configs.get(entry.get("op"))
+        if op is not None and op.phase not in STRUCTURE_FREE_PHASES:
+            raise ConfigError(
+                f"{_where(cfg)}: compression.plan[{i}] ({op.op}) cannot apply to model.exported: a torch.export "
+                "graph has no Conv2d/Linear modules to prune, factorise, sparsify or quantize, and its reshapes "
+                "are fixed to the traced shapes. Set compression.plan: [] (distillation, set under finetune.distill, "
+                "still applies; the default plan prunes), or give the model's code and weights (model.factory + "
+                "model.weights) to compress it"
+            )
 
 
 def check_plan_order(cfg: PipelineConfig, ops: list[Any]) -> None:

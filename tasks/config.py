@@ -43,9 +43,14 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     name: str | None = Field(None, description="a model from the zoo, e.g. resnet8 or mobilenet_tiny")
     factory: str | None = Field(None, description="a user model as 'module:function'")
-    transformers: dict[str, Any] | None = Field(
-        None, description="a Hugging Face transformers image classifier by config: {model_type: vit, ...its "
-        "fields}; num_channels and num_labels follow the data",
+    transformers: dict[str, Any] | str | None = Field(
+        None, description="a Hugging Face transformers image classifier: by config, {model_type: vit, ...its "
+        "fields} (num_channels and num_labels follow the data), or a local folder written by save_pretrained "
+        "(its weights are the base; never downloaded from the hub)",
+    )
+    exported: str | None = Field(
+        None, description="a torch.export archive (.pt2, torch.export.save) with a dynamic batch dimension; "
+        "only distillation applies to it (see tasks/models/exported.py)",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = Field(
@@ -55,26 +60,45 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        given = [k for k in ("name", "factory", "transformers") if getattr(self, k) is not None]
+        given = [k for k in ("name", "factory", "transformers", "exported") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of 'name' (a zoo model), 'factory' ('module:function') or 'transformers' "
-                f"(a transformers config); got {given or 'none'}"
+                "give exactly one of 'name' (a zoo model), 'factory' ('module:function'), 'transformers' "
+                f"(a transformers config or a save_pretrained folder) or 'exported' (a .pt2 file); got {given or 'none'}"
             )
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(f"factory {self.factory!r} must look like 'package.module:function'")
+        if self.brings_weights():
+            what = "model.exported" if self.exported else "model.transformers (a folder)"
+            if self.weights:
+                raise ValueError(f"{what} holds its own weights: drop model.weights (or give the transformers config "
+                                 "as fields, or the model's factory, to load other weights into it)")
+            if self.kwargs:
+                raise ValueError(f"model.kwargs do not apply to {what}: the file fixes the architecture; drop them")
         return self
 
+    def brings_weights(self) -> bool:
+        """A source that holds the base weights itself (a transformers folder, a .pt2)."""
+        return isinstance(self.transformers, str) or self.exported is not None
+
     def arch(self) -> dict[str, Any]:
-        """The arch record that rebuilds this model (checkpoints, the registry): its source and kwargs."""
+        """The model's source as written (name / factory / transformers / exported) and its kwargs.
+        tasks.models.user.arch_of turns a folder or a .pt2 into the record a checkpoint keeps."""
         if self.transformers is not None:
-            return {"transformers": dict(self.transformers), "kwargs": self.kwargs}
+            fields = self.transformers if isinstance(self.transformers, str) else dict(self.transformers)
+            return {"transformers": fields, "kwargs": self.kwargs}
+        if self.exported is not None:
+            return {"exported": self.exported, "kwargs": self.kwargs}
         return {"name": self.name, "kwargs": self.kwargs} if self.name else {"factory": self.factory, "kwargs": self.kwargs}
 
     def label(self) -> str:
         """How messages name the model."""
+        if isinstance(self.transformers, str):
+            return f"transformers folder {self.transformers}"
         if self.transformers is not None:
             return f"transformers {self.transformers.get('model_type', '?')}"
+        if self.exported is not None:
+            return f"exported {self.exported}"
         return self.name or self.factory
 
 
@@ -385,6 +409,9 @@ def resolve_project_paths(cfg: PipelineConfig, pipelines_file: Path) -> Pipeline
     cfg._pipelines_file = pipelines_file.resolve()
     cfg.data.path = _from_project(cfg.data.path, project)
     cfg.model.weights = _from_project(cfg.model.weights, project)
+    cfg.model.exported = _from_project(cfg.model.exported, project)
+    if isinstance(cfg.model.transformers, str):
+        cfg.model.transformers = _from_project(cfg.model.transformers, project)
     cfg.compile.tuning.database = _from_project(cfg.compile.tuning.database, project)
     storage = cfg.search.storage
     if storage and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):

@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 FORMAT = 1  # bump when what goes into a fingerprint changes: every stored fingerprint then misses
 
 _EXTERNAL_WHAT = {"data": "data", "base_weights": "base model weights", "model_factory": "model factory code",
-                  "devices": "device registry entry"}
+                  "model_files": "model files (transformers folder or .pt2)", "devices": "device registry entry"}
 
 
 def _json_digest(obj: Any) -> str:
@@ -140,6 +140,15 @@ def factory_identity(factory: str) -> str | None:
     return file_sha256(Path(found.origin))
 
 
+def model_files_identity(spec: str) -> str | None:
+    """A model source that holds its weights: the .pt2's hash, or the digest of the transformers folder's files
+    (config and weights); None when it is missing (the stage then reports it)."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return file_sha256(p)
+    return manifest(p)["digest"] if p.is_dir() else None
+
+
 def external_parts(stage: str, cfg: PipelineConfig, workspace: Path) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in spec(stage).external:
@@ -150,6 +159,8 @@ def external_parts(stage: str, cfg: PipelineConfig, workspace: Path) -> dict[str
                 out["base_weights"] = weights_identity(cfg, workspace)
             if cfg.model.factory:
                 out["model_factory"] = factory_identity(cfg.model.factory)
+            if cfg.model.brings_weights():
+                out["model_files"] = model_files_identity(cfg.model.exported or str(cfg.model.transformers))
         elif name == "devices":
             from tasks.devices import get_device
             from tasks.errors import ConfigError

@@ -1,8 +1,10 @@
 """Model checkpoints that survive structural compression and load with torch.load(weights_only=True).
 
-A checkpoint names the architecture (zoo name or user factory + kwargs), records the shape of each
-Conv/Linear/BatchNorm layer (pruning changes them), and holds a plain state_dict. Loading rebuilds the
-architecture, resizes layers to the recorded shapes, then loads the weights strictly.
+A checkpoint names the architecture (its arch record: zoo name, factory + kwargs, transformers config,
+or a .pt2 file and its hash), records every module's tensor shapes and structural attributes
+(tasks/models/structure.py: pruning changes them, whatever the layer type), and holds a plain
+state_dict. Loading rebuilds the architecture, gives every module the recorded shapes, then loads the
+weights strictly. Format 1 (only Conv2d/Linear/BatchNorm channel counts) is still read.
 
 A layer that an op replaced by a chain of layers (low-rank factorisation turns a Conv2d into a
 Sequential of Conv2d) is recorded under "factorised" and rebuilt before the resizing. Checkpoints
@@ -20,22 +22,12 @@ import torch
 from torch import nn
 
 from tasks.errors import ArtifactError, ModelLoadError
+from tasks.models.structure import apply_structure, apply_structure_v1, extra_buffers_of, structure_of
 from tasks.models.user import build_arch
 
-FORMAT = "shrinkflow.checkpoint/1"
-
-
-def structure_of(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Channel counts of every layer whose shape pruning can change."""
-    out: dict[str, dict[str, int]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            out[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
-        elif isinstance(m, nn.Linear):
-            out[name] = {"in": m.in_features, "out": m.out_features}
-        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-            out[name] = {"num_features": m.num_features}
-    return out
+FORMAT = "shrinkflow.checkpoint/2"
+FORMAT_V1 = "shrinkflow.checkpoint/1"
+FORMATS = (FORMAT, FORMAT_V1)
 
 
 def _layer_spec(m: nn.Module) -> dict[str, Any]:
@@ -83,33 +75,6 @@ def apply_factorised(model: nn.Module, factorised: dict[str, list[dict[str, Any]
     return model
 
 
-def apply_structure(model: nn.Module, structure: dict[str, dict[str, int]]) -> nn.Module:
-    """Resize layers in place to the recorded shapes; weights are left for load_state_dict to fill."""
-    modules = dict(model.named_modules())
-    for name, s in structure.items():
-        m = modules.get(name)
-        if m is None:
-            raise ModelLoadError(f"checkpoint layer {name!r} does not exist in the rebuilt model")
-        if isinstance(m, nn.Conv2d):
-            m.in_channels, m.out_channels, m.groups = s["in"], s["out"], s["groups"]
-            m.weight = nn.Parameter(torch.empty(s["out"], s["in"] // s["groups"], *m.kernel_size))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(s["out"]))
-        elif isinstance(m, nn.Linear):
-            m.in_features, m.out_features = s["in"], s["out"]
-            m.weight = nn.Parameter(torch.empty(s["out"], s["in"]))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(s["out"]))
-        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-            n = s["num_features"]
-            m.num_features = n
-            if m.affine:
-                m.weight, m.bias = nn.Parameter(torch.empty(n)), nn.Parameter(torch.empty(n))
-            if m.track_running_stats:
-                m.running_mean, m.running_var = torch.zeros(n), torch.ones(n)
-    return model
-
-
 def save_checkpoint(
     model: nn.Module,
     path: Path,
@@ -127,6 +92,7 @@ def save_checkpoint(
         "num_classes": int(num_classes),
         "structure": structure_of(model),
         "factorised": factorised_of(model),
+        "extra_buffers": extra_buffers_of(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta or {},
     }
@@ -150,15 +116,18 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad file
         raise ArtifactError(f"checkpoint {path} is corrupt or not a shrinkflow checkpoint ({e}); re-run its stage") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in FORMATS:
         raise ArtifactError(f"{path} is not a {FORMAT} checkpoint; re-run the stage that writes it")
     in_channels = payload["input_shape"][0]
     model = build_arch(payload["arch"], in_channels=in_channels, num_classes=payload["num_classes"])
     apply_factorised(model, payload.get("factorised", {}))
-    apply_structure(model, payload["structure"])
+    if payload["format"] == FORMAT_V1:
+        apply_structure_v1(model, payload["structure"])
+    else:
+        apply_structure(model, payload["structure"], payload.get("extra_buffers"))
     load_weights_strict(model, payload["state_dict"], source=str(path))
     model.eval()
-    info = {k: v for k, v in payload.items() if k != "state_dict"}
+    info = {k: v for k, v in payload.items() if k not in ("state_dict", "extra_buffers")}
     return model, info
 
 

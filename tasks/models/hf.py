@@ -41,16 +41,20 @@ def hf_config(fields: dict[str, Any], *, in_channels: int, num_classes: int):
         )
     fields.update(num_channels=in_channels, num_labels=num_classes)
     try:
-        return AutoConfig.for_model(model_type, **fields)
+        AutoConfig.for_model(model_type)
     except (ValueError, KeyError) as e:
         raise ModelLoadError(f"model.transformers: model_type {model_type!r} is not a transformers config: {e}") from e
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as e:  # transformers validates fields (types, ranges) with its own error classes
+        raise ModelLoadError(f"model.transformers: a field of the {model_type!r} config is invalid: "
+                             f"{' '.join(str(e).split())}. Fix it in model.transformers") from e
 
 
-def build_transformers(fields: dict[str, Any], *, in_channels: int, num_classes: int) -> nn.Module:
-    """A randomly initialised transformers image classifier behind LogitsAdapter."""
+def classifier_class(config: Any) -> type:
+    """The `...ForImageClassification` class of a transformers config."""
     from transformers import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
-    config = hf_config(fields, in_channels=in_channels, num_classes=num_classes)
     try:
         cls = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)]
     except KeyError:
@@ -60,6 +64,13 @@ def build_transformers(fields: dict[str, Any], *, in_channels: int, num_classes:
         ) from None
     if isinstance(cls, tuple | list):  # e.g. deit: the plain classifier first, then the one with a teacher head
         cls = cls[0]
+    return cls
+
+
+def build_transformers(fields: dict[str, Any], *, in_channels: int, num_classes: int) -> nn.Module:
+    """A randomly initialised transformers image classifier behind LogitsAdapter."""
+    config = hf_config(fields, in_channels=in_channels, num_classes=num_classes)
+    cls = classifier_class(config)
     try:
         model = cls(config)
     except Exception as e:  # the config's own checks (e.g. heads not dividing the hidden size)

@@ -44,7 +44,7 @@ def _from_weights(state: dict[str, torch.Tensor], arch: dict[str, Any] | None, s
 def as_module(obj: nn.Module | dict[str, torch.Tensor] | str | Path, arch: dict[str, Any] | None
               ) -> tuple[nn.Module, dict[str, Any] | None, list[int] | None]:
     """(model, arch record, input shape) from a module, a state_dict, a shrinkflow checkpoint or a weights file."""
-    from tasks.models.checkpoint import FORMAT, load_checkpoint
+    from tasks.models.checkpoint import FORMATS, load_checkpoint
     from tasks.models.user import read_weights
 
     shape = (arch or {}).get("input_shape")
@@ -60,7 +60,7 @@ def as_module(obj: nn.Module | dict[str, torch.Tensor] | str | Path, arch: dict[
         payload = torch.load(path, map_location="cpu", weights_only=True) if path.suffix != ".safetensors" else None
     except Exception:
         payload = None  # read_weights below says what is wrong with the file
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+    if isinstance(payload, dict) and payload.get("format") in FORMATS:
         model, info = load_checkpoint(path)
         recorded = {**info["arch"], "input_shape": info["input_shape"], "num_classes": info["num_classes"]}
         return model, {**recorded, **(arch or {})}, shape or info["input_shape"]

@@ -1,8 +1,9 @@
 """Where a base model's weights come from: a file, the MLflow registry or an MLflow run, behind one
-`resolve_base(model_cfg)` and one `load_base(model_cfg, ...)`.
+`resolve_base(model_cfg)` and one `load_base(model_cfg, ...)`; or the model source itself (a
+transformers folder, a .pt2), which holds them (`own_weights`).
 
-`model.weights` in pipelines.yaml names the weights; the architecture always comes from `model.name`
-or `model.factory`. Each source is a resolver registered by URI scheme (`register_source`), so a new
+`model.weights` in pipelines.yaml names the weights; the architecture comes from `model.name`,
+`model.factory` or a transformers config. Each source is a resolver registered by URI scheme (`register_source`), so a new
 one (Hugging Face, `.pt2`) is one module and one registration. A resolver pins the URI (an alias
 becomes a version), fetches the artifact into the workspace cache, and hashes the weights' content,
 so lineage says exactly which weights a run started from, whatever container they came in.
@@ -122,6 +123,8 @@ def load_base(model_cfg: ModelConfig, *, in_channels: int, num_classes: int, wor
 
     arch = model_cfg.arch()
     model = build_arch(arch, in_channels=in_channels, num_classes=num_classes)
+    if model_cfg.brings_weights():
+        return model, own_weights(model_cfg, model)
     if not model_cfg.weights:
         return model, None
     base = resolve_base(model_cfg, workspace, tracking_uri=tracking_uri)
@@ -133,6 +136,23 @@ def load_base(model_cfg: ModelConfig, *, in_channels: int, num_classes: int, wor
             raise ModelLoadError(f"{e} The registry records these weights as {base.arch}.") from e
         raise
     return model, base
+
+
+def own_weights(model_cfg: ModelConfig, model: nn.Module) -> ResolvedBase:
+    """Lineage of a source that holds its weights: a transformers folder (the hash of its weight files, as
+    saved, before the head or stem follow the data) or a .pt2 (the hash of the graph's weights)."""
+    if model_cfg.exported is not None:
+        from tasks.models.exported import file_of
+
+        path = file_of(model_cfg.exported)
+        state = {k: v.detach().cpu() for k, v in model.graph.state_dict().items()}
+        return ResolvedBase(model_cfg.exported, str(path), state_dict_sha256(state), path, "exported", _state=state)
+    from tasks.models.hf_folder import folder_of, weights_state
+
+    path = folder_of(str(model_cfg.transformers))
+    state = weights_state(path)
+    return ResolvedBase(str(model_cfg.transformers), str(path), state_dict_sha256(state), path, "transformers",
+                        _state=state)
 
 
 def _arch_key(arch: dict[str, Any]) -> tuple:

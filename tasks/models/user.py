@@ -1,4 +1,5 @@
-"""User models: 'package.module:function' + kwargs, with weights from a .pt state_dict or .safetensors."""
+"""User models: 'package.module:function' + kwargs, with weights from a .pt state_dict or .safetensors; and
+`build_arch`, which builds any arch record (zoo name, factory, transformers config or folder, .pt2)."""
 
 from __future__ import annotations
 
@@ -34,21 +35,41 @@ def import_factory(spec: str):
 
 
 def arch_of(model_cfg: Any) -> dict[str, Any]:
-    """The arch record of a pipeline's model section: zoo name or factory, and kwargs."""
-    return model_cfg.arch()
+    """The arch record a checkpoint keeps for a pipeline's model section: one that rebuilds the architecture
+    on its own. A transformers folder becomes its config's fields (the folder is not needed to rebuild); a
+    .pt2 stays the file, with its sha256."""
+    arch = model_cfg.arch()
+    if isinstance(arch.get("transformers"), str):
+        from tasks.models.hf_folder import portable_record
+
+        return portable_record(arch["transformers"])
+    if arch.get("exported"):
+        from tasks.models.exported import portable_record as exported_record
+
+        return exported_record(arch["exported"])
+    return arch
 
 
 def build_arch(arch: dict[str, Any], *, in_channels: int, num_classes: int) -> nn.Module:
-    """Build a fresh, untrained model from an arch record (zoo name or factory)."""
+    """Build a model from an arch record: fresh and untrained for a zoo name, factory or transformers config;
+    with its own weights for a transformers folder or a .pt2 (they are the architecture's source)."""
     from tasks.models.registry import create_model
 
     kwargs = dict(arch.get("kwargs", {}))
     if arch.get("name"):
         return create_model(arch["name"], in_channels=in_channels, num_classes=num_classes, **kwargs)
+    if isinstance(arch.get("transformers"), str):
+        from tasks.models.hf_folder import load_folder
+
+        return load_folder(arch["transformers"], in_channels=in_channels, num_classes=num_classes)
     if arch.get("transformers") is not None:
         from tasks.models.hf import build_transformers
 
         return build_transformers(arch["transformers"], in_channels=in_channels, num_classes=num_classes)
+    if arch.get("exported"):
+        from tasks.models.exported import load_exported
+
+        return load_exported(arch["exported"], sha256=arch.get("sha256"))
     fn = import_factory(arch["factory"])
     try:
         model = fn(**kwargs)
