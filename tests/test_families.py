@@ -1,0 +1,102 @@
+"""The family contract: every family of tasks/models/families.py goes through the chain.
+
+For each family (tiny config, synthetic data, seconds each): channel pruning with whole heads, a
+checkpoint of the pruned model that rebuilds it, the coverage report of a [channel_prune,
+quantize_int8] plan, ONNX Runtime int8 agreeing with the quantized PyTorch model, and a TVM build that
+matches PyTorch, or a recorded reason why TVM cannot build it. A family added to FAMILIES is tested
+here without editing this file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compression_ops import ChannelPrune, OpData, QuantizeInt8
+from compression_ops.coverage import coverage
+from tasks.config import PipelineConfig
+from tasks.devices import Device
+from tasks.engines import get_engine
+from tasks.engines.base import BuildJob
+from tasks.models.checkpoint import load_checkpoint, save_checkpoint
+from tasks.models.families import FAMILIES
+from tasks.models.user import build_arch
+from tasks.plan import apply_ops
+
+HOST = Device(name="host", target={"kind": "llvm", "mcpu": "native"})
+SHAPE = [1, 28, 28]
+CFG = PipelineConfig.model_validate({"name": "families", "data": {"source": "synthetic"}, "model": {"name": "resnet8"}})
+
+
+def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, *SHAPE, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def chain(request, tmp_path_factory):
+    """(family, base, pruned, deployed, reports, folder) for one family: pruned at 0.3, then int8."""
+    fam = FAMILIES[request.param]
+    torch.manual_seed(0)
+    base = build_arch(fam.arch, in_channels=1, num_classes=10)
+    x, y = _data()
+    base.train()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for i in range(0, 64, 16):
+            base(x[i:i + 16])
+    base.eval()
+    data = OpData(example=x[:1], batches=[(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)])
+    pruned, _, reports = apply_ops(CFG, base, [ChannelPrune(ratio=0.3)], data, quiet=True)
+    deployed, _, post = apply_ops(CFG, pruned, [QuantizeInt8(calibration="minmax")], data, quiet=True)
+    return fam, base, pruned.eval(), deployed.eval(), reports + post, tmp_path_factory.mktemp(fam.name)
+
+
+def test_prune_is_not_reverted_and_reloads_from_its_checkpoint(chain):
+    fam, base, pruned, _, reports, folder = chain
+    prune = reports[0]
+    assert "reverted" not in prune, prune.get("reverted")
+    assert prune["applied"], "channel pruning changed no layer"
+    assert prune["macs_after"] < prune["macs_before"]
+    if "attention" in fam.features:
+        assert prune["heads_after"] < prune["heads_before"]
+    save_checkpoint(pruned, folder / "pruned.pt", arch=fam.arch, input_shape=SHAPE, num_classes=10)
+    back, _ = load_checkpoint(folder / "pruned.pt")  # torch.load(weights_only=True) inside
+    x, _ = _data(8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), pruned(x), rtol=0, atol=1e-6)
+
+
+def test_coverage_reports_every_layer_and_the_share_of_macs(chain):
+    _, base, _, _, reports, _ = chain
+    cov = coverage(base, _data(1)[0], reports)
+    assert cov["ops"] == ["channel_prune", "quantize_int8"] and not cov["reverted"]
+    assert 0.5 < cov["macs_covered_fraction"] <= 1.0
+    statuses = {s.split(":")[0] for row in cov["layers"].values() for s in row["ops"].values()}
+    assert "applied" in statuses and "skipped" in statuses  # the classifier at least is skipped by pruning
+    classifier = [n for n, row in cov["layers"].items() if row["ops"]["channel_prune"].startswith("skipped")]
+    assert classifier
+
+
+def _job(model, folder, engine: str, deployed=None) -> BuildJob:
+    x, _ = _data()
+    return BuildJob(model=model, example=x[:1], device=HOST, out=folder / get_engine(engine).artifact_path("compressed", "host"),
+                    root=folder, batch_sizes=(1, 4), calibration=lambda: x.numpy(),
+                    deployed=(lambda: deployed) if deployed is not None else None)
+
+
+def _run(engine: str, artifact, x: torch.Tensor) -> np.ndarray:
+    runner = get_engine(engine).load(artifact, HOST, threads=1)
+    return np.concatenate([runner.run(x[i:i + 4].numpy()) for i in range(0, len(x), 4)])
+
+
+def test_onnx_runtime_int8_agrees_with_the_quantized_model(chain):
+    _, _, pruned, deployed, _, folder = chain
+    x, _ = _data()
+    for engine in ("onnxruntime", "onnxruntime_int8"):
+        job = _job(pruned, folder, engine, deployed)
+        get_engine(engine).build(job)
+    with torch.no_grad():
+        ref = deployed(x).argmax(1).numpy()
+    got = _run("onnxruntime_int8", job.out, x).argmax(1)
+    assert (got == ref).mean() >= 0.9
