@@ -21,6 +21,8 @@ from compression_ops.base import param_layers
 
 APPLIED = "applied"
 NOT_CANDIDATE = "not a candidate"
+SKIPPED = "skipped: "  # then the op's reason
+REVERTED = "reverted: "  # then why the op was undone
 
 
 def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
@@ -78,7 +80,7 @@ def _status(layer: str, report: dict[str, Any]) -> str:
     """The layer's status under one op: its own name first, then a module around it, then a part of it
     (a factorised layer's pieces, `fc.0` and `fc.1`, belong to `fc`)."""
     if report.get("reverted"):
-        return f"reverted: {report['reverted']}"
+        return REVERTED + str(report["reverted"])
     skipped, applied = report.get("skipped") or {}, set(report.get("applied") or [])
     for related in (
         lambda n: n == layer,
@@ -87,7 +89,7 @@ def _status(layer: str, report: dict[str, Any]) -> str:
     ):
         for name, why in skipped.items():
             if related(name):
-                return f"skipped: {why}"
+                return SKIPPED + str(why)
         if any(related(n) for n in applied):
             return APPLIED
     return NOT_CANDIDATE
@@ -101,7 +103,7 @@ def coverage(model: nn.Module, example: torch.Tensor, reports: list[dict[str, An
         ones the op saw; a name inside a layer (a factorised layer's parts) counts for that layer.
 
     Returns {"ops": [op names], "layers": {name: {"type", "params", "macs", "ops": {op: status}}},
-    "layer_macs", "functional_macs", "macs_total", "macs_covered", "macs_covered_fraction"}, where a
+    "reverted": {op: why}, "layer_macs", "functional_macs", "macs_total", "macs_covered", "macs_covered_fraction"}, where a
     status is "applied", "skipped: why", "reverted: why" or "not a candidate" (the op never looks at
     such a layer, e.g. a LayerNorm for sparsity). A layer an op reports under two names (skipped by
     one, applied by another) shows as skipped.
@@ -136,6 +138,7 @@ def coverage(model: nn.Module, example: torch.Tensor, reports: list[dict[str, An
     total = in_layers + extra
     return {
         "ops": list(ops),
+        "reverted": {key: r["reverted"] for key, r in ops.items() if r.get("reverted")},
         "layers": layers,
         "layer_macs": in_layers,
         "functional_macs": extra,
@@ -146,12 +149,12 @@ def coverage(model: nn.Module, example: torch.Tensor, reports: list[dict[str, An
 
 
 def skipped_by_reason(cov: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
-    """{op: {reason: [layers]}} of a coverage table's skipped and reverted layers; a reason is grouped
-    up to its first " (" so per-layer details (ranks, channel counts) do not split the groups."""
+    """{op: {reason: [layers]}} of a coverage table's skipped layers (a reverted op is in cov["reverted"]);
+    a reason is grouped up to its first " (" so per-layer details (ranks, channel counts) do not split
+    the groups."""
     out: dict[str, dict[str, list[str]]] = {}
     for name, row in cov["layers"].items():
         for op, status in row["ops"].items():
-            if status in (APPLIED, NOT_CANDIDATE):
-                continue
-            out.setdefault(op, {}).setdefault(status.split(" (", 1)[0], []).append(name)
+            if status.startswith(SKIPPED):
+                out.setdefault(op, {}).setdefault(status[len(SKIPPED):].split(" (", 1)[0], []).append(name)
     return out
