@@ -23,6 +23,7 @@ APPLIED = "applied"
 NOT_CANDIDATE = "not a candidate"
 SKIPPED = "skipped: "  # then the op's reason
 REVERTED = "reverted: "  # then why the op was undone
+UNREPORTED = "not reported: the op's report lists no layers"
 
 
 def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
@@ -81,6 +82,8 @@ def _status(layer: str, report: dict[str, Any]) -> str:
     (a factorised layer's pieces, `fc.0` and `fc.1`, belong to `fc`)."""
     if report.get("reverted"):
         return REVERTED + str(report["reverted"])
+    if "applied" not in report:
+        return UNREPORTED
     skipped, applied = report.get("skipped") or {}, set(report.get("applied") or [])
     for related in (
         lambda n: n == layer,
@@ -99,13 +102,14 @@ def coverage(model: nn.Module, example: torch.Tensor, reports: list[dict[str, An
     """The per-layer table of what a plan's ops did to `model` (the model before the plan), JSON-able.
 
     reports: the op reports in plan order (each with `op`, `applied`, `skipped`, and `reverted` when the
-        op was undone); a report without `applied` (e.g. a fine-tuning hook's) is ignored. Names are the
-        ones the op saw; a name inside a layer (a factorised layer's parts) counts for that layer.
+        op was undone); an op whose report has no `applied` list shows "not reported" on every layer.
+        Names are the ones the op saw; a name inside a layer (a factorised layer's parts) counts for
+        that layer.
 
     Returns {"ops": [op names], "layers": {name: {"type", "params", "macs", "ops": {op: status}}},
     "reverted": {op: why}, "layer_macs", "functional_macs", "macs_total", "macs_covered", "macs_covered_fraction"}, where a
-    status is "applied", "skipped: why", "reverted: why" or "not a candidate" (the op never looks at
-    such a layer, e.g. a LayerNorm for sparsity). A layer an op reports under two names (skipped by
+    status is "applied", "skipped: why", "reverted: why", "not a candidate" (the op never looks at
+    such a layer, e.g. a LayerNorm for sparsity) or "not reported: ...". A layer an op reports under two names (skipped by
     one, applied by another) shows as skipped.
 
     macs_covered_fraction = macs_covered / macs_total, where macs_covered is the MACs of the layers at
@@ -116,12 +120,11 @@ def coverage(model: nn.Module, example: torch.Tensor, reports: list[dict[str, An
     """
     ops: dict[str, dict[str, Any]] = {}  # by a unique key: the op's name, then name#2, name#3 for repeats
     for r in reports:
-        if "applied" in r or r.get("reverted"):
-            key, n = str(r.get("op", "op")), 1
-            while key in ops:
-                n += 1
-                key = f"{r.get('op', 'op')}#{n}"
-            ops[key] = r
+        key, n = str(r.get("op", "op")), 1
+        while key in ops:
+            n += 1
+            key = f"{r.get('op', 'op')}#{n}"
+        ops[key] = r
     per_module = layer_macs(model, example)
     layers: dict[str, dict[str, Any]] = {}
     for name, m in param_layers(model).items():

@@ -97,7 +97,7 @@ def search_line(paths: RunPaths) -> str | None:
 def coverage_lines(paths: RunPaths, examples: int = 3) -> list[str]:
     """Markdown lines on what the plan reached: the share of the base model's MACs in layers an op
     changed, each op's applied count, and its skipped (or reverted) layers grouped by reason."""
-    from compression_ops.coverage import skipped_by_reason
+    from compression_ops.coverage import UNREPORTED, skipped_by_reason
 
     f = paths.stage_dir("finetune") / "coverage.json"
     if not f.is_file():
@@ -116,6 +116,9 @@ def coverage_lines(paths: RunPaths, examples: int = 3) -> list[str]:
             parts.append(f"{len(names)} {why} ({shown})")
         if op in cov.get("reverted", {}):
             lines.append(f"- **{op}**: reverted, the plan went on without it: {cov['reverted'][op]}")
+            continue
+        if all(row["ops"].get(op) == UNREPORTED for row in cov["layers"].values()):
+            lines.append(f"- **{op}**: its report does not list the layers it changed")
             continue
         lines.append(f"- **{op}**: applied to {applied} layer(s)" + (f"; {'; '.join(parts)}" if parts else ""))
     return lines
