@@ -182,3 +182,66 @@ class OpData:
                 break
             out.append(b)
         return out
+
+
+def _outputs(model: nn.Module, example: torch.Tensor) -> list[Any]:
+    """The leaves of one eval-mode, no-grad forward pass of `example`; the training mode is restored."""
+    from torch.utils._pytree import tree_leaves
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        model.train(was_training)
+    return tree_leaves(out)
+
+
+def check_outputs(before: nn.Module, after: nn.Module, example: torch.Tensor) -> str | None:
+    """Why `after` (a model an op returned) is broken where `before` was not, or None when it is fine.
+
+    Broken means: its forward pass on `example` raises, returns another structure, shapes or dtypes,
+    or non-finite values where `before` gave finite ones. The values themselves may differ (that is
+    what compression does)."""
+    ref = _outputs(before, example)
+    try:
+        got = _outputs(after, example)
+    except Exception as e:  # any failure of the forward pass is the finding, not an error of the check
+        return f"its model's forward pass raises {type(e).__name__}: {_first_line(e)}"
+    if len(got) != len(ref):
+        return f"its model returns {len(got)} output(s) instead of {len(ref)}"
+    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
+        what = "output" if len(ref) == 1 else f"output {i}"
+        if not isinstance(r, torch.Tensor):
+            continue
+        if not isinstance(g, torch.Tensor):
+            return f"its model's {what} is a {type(g).__name__}, not a tensor"
+        if g.shape != r.shape:
+            return f"its model's {what} has shape {tuple(g.shape)} instead of {tuple(r.shape)}"
+        if g.dtype != r.dtype:
+            return f"its model's {what} has dtype {g.dtype} instead of {r.dtype}"
+        if g.is_floating_point() and bool(torch.isfinite(r).all()) and not bool(torch.isfinite(g).all()):
+            return f"its model's {what} has NaN or infinite values (the model before it had none)"
+    return None
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def exception_gist(e: BaseException) -> str:
+    """One line naming an exception and where it was raised: `Type: first line of message (at file.py:123 in fn)`."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    last = frames[-1] if frames else None  # where it broke: often the model's own forward, naming the layer
+    where = f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name})" if last else ""
+    return f"{type(e).__name__}: {_first_line(e)}{where}"
+
+
+def param_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module holding parameters of its own (Conv, Linear, norms, embeddings, a block's own
+    layer-scale or class token), by name; the root model counts as "" when it holds any."""
+    return {n: m for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}

@@ -20,7 +20,7 @@ from torch import nn
 from compression_ops.base import OpConfig, OpConfigError, OpResult, TrainHook, check_range, register_op
 from compression_ops.metrics import weight_bits
 from compression_ops.packing import packing_report
-from compression_ops.sparsity import select_layers
+from compression_ops.sparsity import layer_selection
 
 INITS = ("linear", "density", "random")
 
@@ -173,7 +173,7 @@ def kmeans_quant(model: nn.Module, cfg: KMeansQuant, data: Any = None) -> OpResu
     """Cluster a copy of `model`; the hook fine-tunes the codebooks with the assignments fixed."""
     model = copy.deepcopy(model)
     before = packing_report(model)["packed_bytes"]
-    targets = select_layers(model, cfg.skip)
+    targets, skipped = layer_selection(model, cfg.skip)
     odd = [n for n in cfg.per_layer_bits or {} if n not in targets]
     if odd:
         raise OpConfigError(
@@ -199,6 +199,8 @@ def kmeans_quant(model: nn.Module, cfg: KMeansQuant, data: Any = None) -> OpResu
         "init": cfg.init,
         "layers_clustered": len(layers),
         "layers": report_layers,
+        "applied": list(layers),
+        "skipped": skipped,
         "weight_bits": weight_bits(model),
         "weight_rel_error": (err / norm) ** 0.5 if norm else 0.0,
         "packed_bytes": packed,

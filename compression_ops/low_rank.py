@@ -154,12 +154,16 @@ def factorise_conv_tucker2(conv: nn.Conv2d, r_in: int, r_out: int) -> nn.Sequent
     return nn.Sequential(first, mid, last)
 
 
-def _is_candidate(m: nn.Module, kinds: str) -> bool:
-    if isinstance(m, nn.Linear):
-        return kinds in ("linear", "all")
+def _not_candidate(m: nn.Module, kinds: str) -> str | None:
+    """Why low_rank leaves a Conv2d/Linear alone by its kind, or None when it is a candidate."""
+    if isinstance(m, nn.Linear) and kinds == "conv":
+        return "not selected: layers='conv'"
     if isinstance(m, nn.Conv2d):
-        return kinds in ("conv", "all") and m.groups == 1
-    return False
+        if kinds == "linear":
+            return "not selected: layers='linear'"
+        if m.groups != 1:
+            return "grouped conv (depthwise or grouped: no low-rank form)"
+    return None
 
 
 def _positions(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple[int, int]]:
@@ -224,10 +228,18 @@ def low_rank(model: nn.Module, cfg: LowRank, data: OpData) -> OpResult:
     if unknown:
         raise OpConfigError(f"layer name(s) {unknown} not in the model; names look like {list(modules)[1:4]}")
     macs0, params0 = count_macs(model, data.example), count_params(model)
-    names = [n for n, m in modules.items() if n and n not in cfg.skip and _is_candidate(m, cfg.layers)]
+    skipped: dict[str, str] = {}
+    names = []
+    for n, m in modules.items():
+        if not n or not isinstance(m, nn.Conv2d | nn.Linear):
+            continue
+        why = "in skip" if n in cfg.skip else _not_candidate(m, cfg.layers)
+        if why:
+            skipped[n] = why
+        else:
+            names.append(n)
     positions = _positions(model, names, data.example)
     per_layer: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
     for name in names:
         if name not in positions:
             skipped[name] = "not run by the forward pass"
@@ -240,7 +252,8 @@ def low_rank(model: nn.Module, cfg: LowRank, data: OpData) -> OpResult:
         if cfg.min_params_saving is not None:
             saving = min(1 - p1 / p0, 1 - c1 / max(c0, 1))
             if saving < cfg.min_params_saving:
-                skipped[name] = f"ranks {ranks} save {saving:.0%} < min_params_saving {cfg.min_params_saving:.0%}"
+                skipped[name] = (f"below min_params_saving (ranks {ranks} save {saving:.0%} < "
+                                 f"{cfg.min_params_saving:.0%})")
                 continue
         _set_module(model, name, new)
         per_layer[name] = {
@@ -259,6 +272,7 @@ def low_rank(model: nn.Module, cfg: LowRank, data: OpData) -> OpResult:
             "params_after": params1,
             "params_reduction": params0 / max(params1, 1),
             "per_layer": per_layer,
+            "applied": list(per_layer),
             "skipped": skipped,
         },
     )

@@ -21,7 +21,15 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from compression_ops.base import OpConfig, OpConfigError, OpData, OpResult, check_range, register_op
+from compression_ops.base import (
+    OpConfig,
+    OpConfigError,
+    OpData,
+    OpResult,
+    check_range,
+    param_layers,
+    register_op,
+)
 from compression_ops.quant_ranges import (
     METHODS,
     WEIGHT_RANGES,
@@ -33,20 +41,22 @@ from compression_ops.quant_ranges import (
 )
 
 
-def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) names where the BatchNorm2d's only input is the conv's output and nothing else reads it."""
-    modules = dict(model.named_modules())
+def _conv_bn_pairs(model: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
+    """(conv, bn) names where the BatchNorm2d's only input is the conv's output and nothing else reads it.
+
+    A model torch.fx cannot trace (transformers models, data-dependent control flow) is searched part by
+    part: each child that traces is read whole, the others are opened further. A pair found inside a
+    traced part is safe to fold, since a conv output read outside that part would be one of its outputs.
+    """
     try:
         graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # untraceable model: fall back to conv -> bn inside an nn.Sequential
+    except Exception:  # untraceable (any error of the tracer): look inside its children
         pairs = []
-        for name, m in modules.items():
-            if isinstance(m, nn.Sequential):
-                kids = list(m.named_children())
-                for (a, ma), (b, mb) in itertools.pairwise(kids):
-                    if isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d):
-                        pairs.append((f"{name}.{a}" if name else a, f"{name}.{b}" if name else b))
+        for name, child in model.named_children():
+            if any(isinstance(m, nn.BatchNorm2d) for m in child.modules()):
+                pairs += _conv_bn_pairs(child, f"{prefix}{name}.")
         return pairs
+    modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for n in graph.nodes:
         if n.op == "call_module":
@@ -64,7 +74,7 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             and calls[src.target] == 1
             and calls[n.target] == 1
         ):
-            pairs.append((src.target, n.target))
+            pairs.append((prefix + src.target, prefix + n.target))
     return pairs
 
 
@@ -236,7 +246,7 @@ def wrap_layers(model: nn.Module, bits: int, act_bits: int = 8, per_layer_bits: 
 
 def calibrate(model: nn.Module, batches: list, method: str = "minmax", percentile: float = 99.99) -> int:
     """Set every fake-quant layer's input range from the batches (float forward, eval mode); returns
-    the number of images seen."""
+    the number of images seen. A layer the batches never reach stays uncalibrated (`calibrated` False)."""
     layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
     was_training = model.training
     model.eval()
@@ -249,7 +259,8 @@ def calibrate(model: nn.Module, batches: list, method: str = "minmax", percentil
                 model(x)
                 seen += len(x)
         for m in layers:
-            m.set_act_range(*m.observer.range(method, bits=m.act_bits, signed=False, percentile=percentile))
+            if m.observer.lo <= m.observer.hi:  # saw at least one value
+                m.set_act_range(*m.observer.range(method, bits=m.act_bits, signed=False, percentile=percentile))
     finally:
         for m in layers:
             m.observer = None
@@ -279,6 +290,36 @@ def _calib_batches(op: str, cfg: QuantizeInt8 | QuantAware, data: Any) -> list:
     if not batches:
         raise OpConfigError(f"{op} got an empty OpData.batches: it needs at least one batch to calibrate")
     return batches
+
+
+def _drop_uncalibrated(model: nn.Module, layers: dict[str, Any], originals: dict[str, nn.Module]) -> dict[str, str]:
+    """Put the float layer back wherever calibration never reached the fake-quant one (a layer the forward
+    pass does not run, e.g. an unused head): it has no input range to quantize with. In place."""
+    skipped = {}
+    for name in [n for n, q in layers.items() if not q.calibrated]:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, originals[name])
+        del layers[name]
+        skipped[name] = "kept in float: not run by the calibration batches"
+    return skipped
+
+
+def _kept_in_float(model: nn.Module, changed: set[str]) -> dict[str, str]:
+    """Why each layer with weights of its own that the op did not change stays float."""
+    why = {}
+    for name, m in param_layers(model).items():
+        if name in changed or isinstance(m, QUANT_LAYERS):
+            continue
+        kind = type(m).__name__
+        if isinstance(m, nn.LayerNorm | nn.GroupNorm):
+            why[name] = f"kept in float: {kind} (normalisation statistics need float)"
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            why[name] = f"kept in float: {kind} not folded (no Conv2d whose output only it reads)"
+        elif isinstance(m, nn.Conv2d | nn.Linear):
+            why[name] = f"kept in float: {kind} (see the op's other skip reasons)"
+        else:
+            why[name] = f"kept in float: {kind} (only Conv2d and Linear are quantized)"
+    return why
 
 
 def _summary(cfg: QuantizeInt8 | QuantAware, layers: dict[str, Any], seen: int) -> dict[str, Any]:
@@ -323,9 +364,18 @@ def quantize_int8(model: nn.Module, cfg: QuantizeInt8, data: OpData) -> OpResult
     batches = _calib_batches("quantize_int8", cfg, data)
     model = copy.deepcopy(model).eval()
     folded = fold_batchnorm(model)
+    originals = {n: model.get_submodule(n) for n in quantizable_layers(model)}
     layers = wrap_layers(model, 8, 8, cfg.per_layer_bits, track_ranges=False)
     seen = calibrate(model, batches, cfg.calibration, cfg.percentile)
-    report = {**_summary(cfg, layers, seen), "bn_folded": len(folded)}
+    skipped = _drop_uncalibrated(model, layers, originals)
+    skipped |= _kept_in_float(model, set(layers) | set(skipped))
+    report = {
+        **_summary(cfg, layers, seen),
+        "bn_folded": len(folded),
+        # a folded BatchNorm is changed too: merged into its conv, nn.Identity in its place
+        "applied": [*layers, *folded],
+        "skipped": skipped,
+    }
     return OpResult(model.eval(), report)
 
 
@@ -369,10 +419,14 @@ def quant_aware(model: nn.Module, cfg: QuantAware, data: OpData) -> OpResult:
     batches = _calib_batches("qat", cfg, data)
     was_training = model.training
     model = copy.deepcopy(model)
+    originals = {n: model.get_submodule(n) for n in quantizable_layers(model)}
     layers = wrap_layers(model, cfg.bits, cfg.act_bits, cfg.per_layer_bits, weight_range=cfg.weight_range,
                          track_ranges=True, momentum=cfg.act_momentum)
     seen = calibrate(model, batches, cfg.calibration, cfg.percentile)
-    report = {**_summary(cfg, layers, seen), "bits": cfg.bits, "weight_range": cfg.weight_range}
+    skipped = _drop_uncalibrated(model, layers, originals)
+    skipped |= _kept_in_float(model, set(layers) | set(skipped))
+    report = {**_summary(cfg, layers, seen), "bits": cfg.bits, "weight_range": cfg.weight_range,
+              "applied": list(layers), "skipped": skipped}
     return OpResult(model.train(was_training), report)
 
 

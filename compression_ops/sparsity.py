@@ -159,18 +159,29 @@ def select_layers(
     model: nn.Module, skip: list[str], *, skip_classifier: bool = False, skip_depthwise: bool = False
 ) -> dict[str, nn.Module]:
     """The conv/linear layers an op compresses, by name; unknown names in `skip` raise OpConfigError."""
+    return layer_selection(model, skip, skip_classifier=skip_classifier, skip_depthwise=skip_depthwise)[0]
+
+
+def layer_selection(
+    model: nn.Module, skip: list[str], *, skip_classifier: bool = False, skip_depthwise: bool = False
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """(the conv/linear layers an op compresses, {each other conv/linear layer: why it is left alone})."""
     modules = dict(model.named_modules())
     unknown = [n for n in skip if n not in modules]
     if unknown:
         raise OpConfigError(f"layer name(s) {unknown} not in the model; names look like {list(modules)[1:4]}")
     layers = {n: m for n, m in modules.items() if isinstance(m, nn.Conv2d | nn.Linear)}
+    left: dict[str, str] = {}
     if skip_classifier and layers:
-        layers.pop(list(layers)[-1])
-    return {
-        n: m
-        for n, m in layers.items()
-        if not any(n == s or n.startswith(s + ".") for s in skip) and not (skip_depthwise and _is_depthwise(m))
-    }
+        left[list(layers)[-1]] = "classifier (skip_classifier)"
+    for n, m in layers.items():
+        if n in left:
+            continue
+        if any(n == s or n.startswith(s + ".") for s in skip):
+            left[n] = "in skip"
+        elif skip_depthwise and _is_depthwise(m):
+            left[n] = "depthwise conv (skip_depthwise)"
+    return {n: m for n, m in layers.items() if n not in left}, left
 
 
 def _apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
@@ -241,8 +252,9 @@ def sparsify(model: nn.Module, cfg: Sparsify, data: Any = None) -> OpResult:
     """Sparsify a copy of `model`; the hook keeps (and, when gradual, raises) the sparsity while training."""
     model = copy.deepcopy(model)
     before = packing_report(model)["packed_bytes"]
-    layers = select_layers(model, cfg.skip, skip_classifier=cfg.skip_classifier, skip_depthwise=cfg.skip_depthwise)
-    skipped: dict[str, str] = {}
+    layers, skipped = layer_selection(
+        model, cfg.skip, skip_classifier=cfg.skip_classifier, skip_depthwise=cfg.skip_depthwise
+    )
     nm = cfg.nm
     if nm is not None:
         n, m = nm
@@ -269,6 +281,7 @@ def sparsify(model: nn.Module, cfg: Sparsify, data: Any = None) -> OpResult:
         "sparsity": got["sparsity"],
         "model_sparsity": model_sparsity(model),
         "per_layer": got["per_layer"],
+        "applied": list(layers),
         "skipped": skipped,
         "packed_bytes": packed["packed_bytes"],
         "packed_bytes_before": before,

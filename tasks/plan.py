@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from compression_ops import Distill, OpConfig, OpData, apply, config_from_dict
-from compression_ops.base import OpConfigError, TrainHook, report_scalars
+from compression_ops.base import OpConfigError, TrainHook, check_outputs, exception_gist, report_scalars
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError
 from tasks.progress import say
@@ -58,14 +58,28 @@ def apply_ops(
     cfg: PipelineConfig, model: Any, ops: list[OpConfig], data: OpData, *, quiet: bool = False
 ) -> tuple[Any, list[TrainHook], list[dict]]:
     """Apply ops in order; returns the model, the hooks fine-tuning must call, and each op's report.
-    quiet: no line per op (search trials apply a plan many times)."""
+
+    An op that fails from inside (any exception but OpConfigError, which is the user's config) or returns
+    a model whose output on data.example is broken (another shape, NaN) is reverted: the plan goes on
+    with the model from before it, its report says `reverted: why` and holds no applied layer, and one
+    line says so even when quiet (a skipped op is news in a search trial too).
+    quiet: no line per op that worked (search trials apply a plan many times)."""
     hooks: list[TrainHook] = []
     reports: list[dict] = []
     for op in ops:
         try:
             res = apply(model, op, data)
+            why = check_outputs(model, res.model, data.example)
         except OpConfigError as e:
             raise ConfigError(f"pipeline {cfg.name!r}: {op.op} cannot run: {e}") from e
+        except Exception as e:  # a bug or an unsupported layer inside the op: the plan goes on without it
+            why = f"it raised {exception_gist(e)}"
+        if why is not None:
+            # apply() never changes its input (tests/compression_ops/test_op_contract.py), so the model
+            # from before the op is the revert
+            reports.append({"op": op.op, "applied": [], "skipped": {}, "reverted": why})
+            say(f"{op.op}: skipped (model left as before it): {why}")
+            continue
         model, hooks, reports = res.model, hooks + res.hooks, reports + [res.report]
         if not quiet:
             say(f"{op.op}: {', '.join(f'{k}={v:.4g}' for k, v in report_scalars(res.report).items())}")

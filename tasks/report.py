@@ -94,6 +94,36 @@ def search_line(paths: RunPaths) -> str | None:
     return f"search: trial {c['trial']} of study {c.get('study')}: {c['why']}"
 
 
+def coverage_lines(paths: RunPaths, examples: int = 3) -> list[str]:
+    """Markdown lines on what the plan reached: the share of the base model's MACs in layers an op
+    changed, each op's applied count, and its skipped (or reverted) layers grouped by reason."""
+    from compression_ops.coverage import UNREPORTED, skipped_by_reason
+
+    f = paths.stage_dir("finetune") / "coverage.json"
+    if not f.is_file():
+        return []
+    cov = read_json(f)
+    lines = [f"The plan's ops changed layers holding {cov['macs_covered_fraction']:.1%} of the base model's "
+             f"MACs ({_fmt_int(cov['macs_covered'])} of {_fmt_int(cov['macs_total'])}"
+             + (f"; {_fmt_int(cov['functional_macs'])} of those are attention matmuls outside any layer, "
+                "which no op changes directly" if cov.get("functional_macs") else "") + ").", ""]
+    grouped = skipped_by_reason(cov)
+    for op in cov["ops"]:
+        applied = sum(row["ops"].get(op) == "applied" for row in cov["layers"].values())
+        parts = []
+        for why, names in sorted(grouped.get(op, {}).items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(f"`{n}`" for n in names[:examples]) + (", ..." if len(names) > examples else "")
+            parts.append(f"{len(names)} {why} ({shown})")
+        if op in cov.get("reverted", {}):
+            lines.append(f"- **{op}**: reverted, the plan went on without it: {cov['reverted'][op]}")
+            continue
+        if all(row["ops"].get(op) == UNREPORTED for row in cov["layers"].values()):
+            lines.append(f"- **{op}**: its report does not list the layers it changed")
+            continue
+        lines.append(f"- **{op}**: applied to {applied} layer(s)" + (f"; {'; '.join(parts)}" if parts else ""))
+    return lines
+
+
 def stage_rows(state: dict[str, Any]) -> list[list[str]]:
     """stage, ran / reused, and why: what changed when it ran, whose output when it was reused."""
     from tasks.stage_specs import STAGES
@@ -137,6 +167,8 @@ def write_report(paths: RunPaths, dest: Path) -> None:
     state = paths.read_state()
     text = [f"# shrinkflow run {paths.pipeline}/{paths.run_id}", "", goal_line(paths), "",
             search_line(paths) or "", "", render_markdown(header, rows), ""]
+    if cov := coverage_lines(paths):
+        text += ["## Coverage: layers the plan changed", "", *cov, ""]
     if stages := stage_rows(state):
         text += ["## Stages: ran or reused", "", render_markdown(["stage", "ran / reused", "why"], stages), ""]
     bench = paths.stage_dir("benchmark")

@@ -11,6 +11,7 @@ from typing import Any
 from compression_ops import Distill, OpData, TrainSpec, evaluate, fit
 from compression_ops.base import report_scalars, to_plain
 from compression_ops.channel_prune import latency_reduction as eager_ratio
+from compression_ops.coverage import coverage
 from compression_ops.packing import pack_state_dict
 from compression_ops.quantize import quantized_state_dict
 from tasks.context import StageContext
@@ -57,6 +58,10 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     post = ops_in_phase(plan, "post")
     deployed, _, post_reports = apply_ops(ctx.cfg, copy.deepcopy(student), post, data)
     reports += post_reports
+    # the whole plan's coverage of the base model: the compress stage's structural ops, then this stage's
+    compressed = read_json(ctx.paths.require("compress", "report.json")).get("ops", [])
+    cov = coverage(teacher, ctx.example(1), compressed + [r for r in reports if r.get("op") != "finetune_hook"])
+    write_json(out / "coverage.json", cov)
     base = ctx.metrics("train_base")
     val = evaluate(deployed, sp.batches("val"))
     test = evaluate(deployed, sp.batches("test"))
@@ -82,6 +87,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         "eager_latency_reduction": latency_reduction,
         "packed_bytes": len(packed),
         "post_training_ops": [op.op for op in post],
+        "macs_covered_fraction": cov["macs_covered_fraction"],
         "goal_met": bool(met_acc and met_speed and met_size and met_latency),
         "goal_accuracy_met": bool(met_acc),
         "goal_speedup_met": bool(met_speed),
@@ -104,6 +110,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     ctx.tracker.metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
     for r in reports:
         ctx.tracker.metrics({f"{r['op']}.{k}": v for k, v in report_scalars(r).items()})
+    ctx.tracker.artifact(out / "coverage.json")
     ctx.tracker.tags({"goal_met": str(metrics["goal_met"]).lower()}, on_parent=True)
     verdict = "met" if metrics["goal_met"] else "NOT met"
     how = f" ({' + '.join(op.op for op in post)}, simulated in PyTorch)" if post else ""

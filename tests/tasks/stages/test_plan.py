@@ -1,11 +1,27 @@
+import dataclasses
 import json
+import re
 
 import pytest
+import torch
+from torch import nn
 
 from compression_ops import ChannelPrune, Distill, QuantizeInt8
+from compression_ops.base import _CONFIGS, _OPS, OpConfig, OpConfigError, OpData, OpResult, register_op
+from compression_ops.coverage import coverage
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError
-from tasks.plan import PLAN_FORMAT, ops_in_phase, plan_format, plan_from_config, plan_from_json, plan_to_json
+from tasks.models.families import FAMILIES
+from tasks.models.user import build_arch
+from tasks.plan import (
+    PLAN_FORMAT,
+    apply_ops,
+    ops_in_phase,
+    plan_format,
+    plan_from_config,
+    plan_from_json,
+    plan_to_json,
+)
 from tasks.workspace import read_json, write_json
 
 
@@ -93,3 +109,98 @@ def test_an_unknown_plan_format_is_refused_naming_the_fix(version):
 def test_a_malformed_plan_document_is_refused(doc):
     with pytest.raises(ConfigError, match=r"a plan must be \{\"format\": 2, \"ops\": \[\.\.\.\]\}"):
         plan_from_json(doc)
+
+
+# --- an op that breaks the model is reverted, and coverage shows it (issue 13) ---
+
+
+
+@pytest.fixture
+def breaking_op():
+    """A throwaway op config class (registered for the test only): how="raise" fails from inside, "config"
+    is a user config error, "shape" returns a model with another output shape."""
+
+    @dataclasses.dataclass
+    class Breaks(OpConfig):
+        op = "breaks_for_test"
+        how: str = "raise"
+
+    @register_op(Breaks)
+    def breaks(model, cfg, data):
+        if cfg.how == "raise":
+            raise RuntimeError("shape '[1, 50, -1, 8]' is invalid for input of size 1100")
+        if cfg.how == "config":
+            raise OpConfigError("ratio=2 is out of range")
+        return OpResult(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), {"op": cfg.op, "applied": ["1"], "skipped": {}})
+
+    try:
+        yield Breaks
+    finally:
+        _OPS.pop("breaks_for_test", None)
+        _CONFIGS.pop("breaks_for_test", None)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _data():
+    x = torch.rand(4, 1, 8, 8)
+    return OpData(example=x[:1], batches=[(x, torch.zeros(4, dtype=torch.long))])
+
+
+@pytest.mark.parametrize(("how", "why"), [
+    ("raise", r"it raised RuntimeError: shape '\[1, 50, -1, 8\]' is invalid .*\(at test_plan.py:\d+ in breaks\)"),
+    ("shape", r"its model's output has shape \(1, 3\) instead of \(1, 4\)"),
+])
+def test_apply_ops_reverts_an_op_that_breaks_the_model(breaking_op, capsys, how, why):
+    model, data = _tiny(), _data()
+    with torch.no_grad():
+        ref = model(data.example)
+    plan = [breaking_op(how=how), QuantizeInt8()]
+    out, hooks, reports = apply_ops(cfg(), model, plan, data, quiet=True)
+    assert [r["op"] for r in reports] == ["breaks_for_test", "quantize_int8"]
+    assert reports[0]["applied"] == [] and reports[0]["skipped"] == {}
+    assert re.fullmatch(why, reports[0]["reverted"]), reports[0]["reverted"]
+    # the plan went on from the model before the broken op
+    assert reports[1]["applied"] == ["1", "3"]
+    with torch.no_grad():
+        assert out(data.example).shape == ref.shape and torch.equal(model(data.example), ref)
+    line = capsys.readouterr()
+    text = line.out + line.err
+    assert "breaks_for_test: skipped (model left as before it): " in text and "Traceback" not in text
+    cov = coverage(model, data.example, reports)
+    assert {row["ops"]["breaks_for_test"] for row in cov["layers"].values()} == {f"reverted: {reports[0]['reverted']}"}
+    assert cov["reverted"] == {"breaks_for_test": reports[0]["reverted"]}
+
+
+def test_an_op_config_error_stays_a_config_error(breaking_op):
+    with pytest.raises(ConfigError, match="breaks_for_test cannot run: ratio=2 is out of range"):
+        apply_ops(cfg(), _tiny(), [breaking_op(how="config")], _data(), quiet=True)
+
+
+def _family_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 28, 28, generator=g)
+    return OpData(example=x[:1], batches=[(x, torch.randint(0, 10, (4,), generator=g))])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_prune_then_int8_plan_on_every_family_never_crashes_and_coverage_says_what_happened(family):
+    torch.manual_seed(0)
+    model = build_arch(FAMILIES[family].arch, in_channels=1, num_classes=10).eval()
+    data = _family_data()
+    out, _, reports = apply_ops(cfg(), model, [ChannelPrune(ratio=0.3), QuantizeInt8(calib_batches=1)], data, quiet=True)
+    with torch.no_grad():
+        y = out.eval()(data.example)
+    assert y.shape == (1, 10) and torch.isfinite(y).all()
+    cov = coverage(model, data.example, reports)
+    assert 0 < cov["macs_covered_fraction"] <= 1 and cov["ops"] == ["channel_prune", "quantize_int8"]
+    named = {n for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
+    assert set(cov["layers"]) == named
+    statuses = {row["ops"]["channel_prune"] for row in cov["layers"].values()}
+    if reports[0].get("reverted"):  # vit, deit, swin, mobilevit with today's channel_prune
+        assert statuses == {f"reverted: {reports[0]['reverted']}"}
+    elif "applied" not in reports[0]:  # channel_prune's report does not list its layers yet
+        assert statuses == {"not reported: the op's report lists no layers"}
