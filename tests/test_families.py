@@ -72,6 +72,8 @@ def test_coverage_reports_every_layer_and_the_share_of_macs(chain):
     cov = coverage(base, _data(1)[0], reports)
     assert cov["ops"] == ["channel_prune", "quantize_int8"] and not cov["reverted"]
     assert 0.5 < cov["macs_covered_fraction"] <= 1.0
+    named = {n for n, m in base.named_modules() if next(m.parameters(recurse=False), None) is not None}
+    assert set(cov["layers"]) == named  # every layer with parameters is listed
     statuses = {s.split(":")[0] for row in cov["layers"].values() for s in row["ops"].values()}
     assert "applied" in statuses and "skipped" in statuses  # the classifier at least is skipped by pruning
     classifier = [n for n, row in cov["layers"].items() if row["ops"]["channel_prune"].startswith("skipped")]
