@@ -2,9 +2,12 @@
 
 Each family of tasks/models/families.py (its `bench_arch`, a wider version of the test config) is
 trained briefly on Fashion-MNIST with the same budget for all (same subset, epochs and recipe), then
-`shrinkflow run` compresses it for the goal "2x measured speed-up (PyTorch eager, batch 1), at most
-1 point of accuracy lost" with the plan [channel_prune, quantize_int8], no search, and compiles and
-benchmarks it on this machine. Printed per family:
+`shrinkflow run` compresses it for the goal "2x, at most 1 point of accuracy lost" with the plan
+[channel_prune, quantize_int8], no search, and compiles and benchmarks it on this machine. The 2x is
+solved in MACs (goal.metric: macs), and the speed-up is then measured: on models this small, PyTorch
+eager at batch 1 is dominated by per-op overhead (a ViT pruned at ratio 0.95 ran only 1.89x faster
+in eager), so a 2x eager-latency goal is out of reach by pruning and the pipeline would refuse it up
+front; the compiled engines are where the MACs turn into time. Printed per family:
 
   accuracy drop, MACs ratio, the fraction of MACs the plan covered (compress/coverage.json),
   the fastest engine for the compressed model at b1 / b32 and its speed-up against the base model in
@@ -47,7 +50,7 @@ def pipeline(name: str, arch: dict[str, Any], subset: int, epochs: int) -> dict[
         "data": {"source": "fashion_mnist", "val_fraction": 0.1, "train_subset": subset},
         "model": model,
         "train": {"epochs": epochs, "batch_size": 128, "lr": 0.05, "label_smoothing": 0.05},
-        "goal": {"speedup": 2.0, "metric": "latency", "max_accuracy_drop": 1.0},
+        "goal": {"speedup": 2.0, "metric": "macs", "max_accuracy_drop": 1.0},
         "compression": {"plan": [{"op": "channel_prune"}, {"op": "quantize_int8", "calibration": "percentile"}]},
         "search": {"n_trials": 0},
         "finetune": {"epochs": epochs, "batch_size": 128, "lr": 0.02},

@@ -6,12 +6,14 @@ importance criterion, the per-layer ratios, and solve for the ratio that meets a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,6 +23,15 @@ from torch import nn
 from compression_ops import attention, prune_plan
 from compression_ops.base import OpConfig, OpConfigError, OpData, OpResult, check_range, register_op
 from compression_ops.metrics import count_macs, count_params
+
+
+@contextlib.contextmanager
+def quiet_unwrapped() -> Iterator[None]:
+    """Silences Torch-Pruning's warning about parameters held outside a layer (class tokens, position
+    embeddings, layer scale): it prunes them along their channel dimension, which is what these are."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        yield
 
 
 def _torch_pruning(cls_name: str, **kwargs: Any) -> Callable[[], Any]:
@@ -185,17 +196,18 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
             f"importance={cfg.importance!r} needs labelled batches ({what}): pass OpData(example=..., batches=...)"
         )
     importance = importance_for(cfg.importance)
-    pruner = tp.pruner.MetaPruner(
-        model,
-        data.example,
-        importance=importance,
-        # with layer_scale a solved scale can pass the cap: the layers it does not name stop at the cap
-        pruning_ratio=uniform,
-        pruning_ratio_dict=ratio_dict or None,
-        ignored_layers=ignored + per_head,
-        round_to=cfg.round_to,
-        **heads_kw,
-    )
+    with quiet_unwrapped():
+        pruner = tp.pruner.MetaPruner(
+            model,
+            data.example,
+            importance=importance,
+            # with layer_scale a solved scale can pass the cap: the layers it does not name stop at the cap
+            pruning_ratio=uniform,
+            pruning_ratio_dict=ratio_dict or None,
+            ignored_layers=ignored + per_head,
+            round_to=cfg.round_to,
+            **heads_kw,
+        )
     extra: dict[str, Any] = {}
     if cfg.importance == "dcp":
         dcp = importance.prepare(model, batches)
@@ -355,7 +367,8 @@ def prune_groups(model: nn.Module, example: torch.Tensor) -> list[list[str]]:
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
-    graph = tp.DependencyGraph().build_dependency(model, example)
+    with quiet_unwrapped():
+        graph = tp.DependencyGraph().build_dependency(model, example)
     groups = []
     roots = [nn.Conv2d, nn.Linear]
     for g in graph.get_all_groups(ignored_layers=output_layers(model, example), root_module_types=roots):
