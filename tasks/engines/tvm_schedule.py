@@ -274,6 +274,8 @@ def prepare_passes(target: Any) -> list[Any]:
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from tasks.engines.tvm_fold import fold_constants_pass
+
     return (
         cpu.library_dispatch_passes(target)
         + [
@@ -282,6 +284,9 @@ def prepare_passes(target: Any) -> list[Any]:
             # Drops the (out, mean, var) tuple BN leaves behind, which would block fusing the ReLU.
             relax.transform.CanonicalizeBindings(),
             relax.transform.ConvertLayout(CONV_LAYOUT),
+            # The weight transposes and BN constants, in numpy: FoldConstant compiles each with LLVM.
+            fold_constants_pass(),
+            relax.transform.CanonicalizeBindings(),
         ]
         + cpu.legalize_passes(target)
     )
