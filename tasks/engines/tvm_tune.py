@@ -107,7 +107,7 @@ def _time_kernel(func: Any, target: Any, number: int, repeat: int) -> float:
 def _distinct_schedules(funcs: dict[int, Any], lanes: int) -> list[tuple[Knobs, dict[int, Any]]]:
     """The candidates that give different code for a kernel (at every batch size), the default first;
     empty when the rule does not schedule it."""
-    import tvm
+    from tvm_ffi import structural_hash
 
     seen: set[tuple[int, ...]] = set()
     out = []
@@ -119,7 +119,7 @@ def _distinct_schedules(funcs: dict[int, Any], lanes: int) -> list[tuple[Knobs, 
             continue
         if any(s is None for s in scheduled.values()):
             return []  # not a kernel the rule schedules: no knobs to choose
-        code = tuple(tvm.ir.structural_hash(scheduled[b]) for b in sorted(scheduled))
+        code = tuple(structural_hash(scheduled[b], map_free_vars=True) for b in sorted(scheduled))
         if code not in seen:
             seen.add(code)
             out.append((knobs, scheduled))
