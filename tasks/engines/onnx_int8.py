@@ -237,7 +237,11 @@ def quantize_onnx_int8(
                     calibrate_method=CalibrationMethod.MinMax,
                     op_types_to_quantize=list(QUANTIZED_OPS),
                     nodes_to_exclude=kept_float,
-                    extra_options={"TensorQuantOverrides": overrides},
+                    # A Linear's output is float in PyTorch: the logits, and in a transformer the input of a
+                    # float bias add, GELU or LayerNorm. Rounding it to 8 bits (the quantizer's default)
+                    # put ties into the logits' argmax. Convs keep theirs: QLinearConv needs it.
+                    extra_options={"TensorQuantOverrides": overrides,
+                                   "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
                 )
         strip_metadata(tmp)
         onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
