@@ -18,6 +18,19 @@ if TYPE_CHECKING:
     from tasks.devices import Device
 
 
+class EngineUnsupported(StageError):
+    """An engine cannot express this model: an op its importer lacks, an export or conversion it cannot
+    do, a compiler pass that fails on the graph. The compile stage records a skip for that engine, model
+    and target (the message is the reason) and builds the other engines. Everything else an engine
+    raises stays an error: a corrupt artifact, or outputs that disagree with PyTorch (a wrong build)."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, shortened: enough to say what failed in a log line."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 class InputShapeError(ArtifactError, ValueError):
     """An input whose shape the compiled artifact does not accept."""
 
@@ -110,11 +123,11 @@ def diff_vs_reference(
     return diffs
 
 
-def export_failed(what: str, model: Any, err: Exception) -> StageError:
-    """The StageError for a model that torch.export (or the ONNX exporter on top of it) cannot capture."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return StageError(
-        f"{what} cannot capture {type(model).__name__} ({type(err).__name__}: {first[:300]}). The model "
+def export_failed(what: str, model: Any, err: Exception) -> EngineUnsupported:
+    """The error for a model that torch.export (or the ONNX exporter on top of it) cannot capture: the
+    engines that need an export skip the model, and the message says how to make it exportable."""
+    return EngineUnsupported(
+        f"{what} cannot capture {type(model).__name__} ({type(err).__name__}: {first_line(err)}). The model "
         "must be traceable by torch.export with a free batch size: no data-dependent Python control "
         "flow, and no hard-coded batch (use x.flatten(1), not x.view(32, -1)); full error above"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ import numpy as np
 from tasks.devices import Device
 from tasks.engines.base import (
     BuildJob,
+    EngineUnsupported,
     check_input,
     diff_vs_reference,
     export_failed,
+    first_line,
     quiet_torch_export,
     sha256_file,
 )
@@ -83,12 +86,16 @@ def export_onnx(
             )
     except Exception as e:  # the exporter raises many types (torch.export's, onnxscript's)
         tmp.unlink(missing_ok=True)
-        raise export_failed("the ONNX exporter", model, e) from e
+        raise conversion_failed(model, e) from e
     strip_metadata(tmp)
     onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
     tmp.replace(path)
 
-    runner = load_onnx(path, threads=1, verify=False)
+    try:
+        runner = load_onnx(path, threads=1, verify=False)
+    except ArtifactError as e:  # a just-written, checked file: ONNX Runtime lacks a kernel for it
+        path.unlink(missing_ok=True)
+        raise EngineUnsupported(f"ONNX Runtime cannot run the export of {type(model).__name__}: {e}") from e
     sizes = batch_sizes if dynamic_batch else (example.shape[0],)
     diffs = diff_vs_reference(model, runner, example, sizes)
 
@@ -111,6 +118,23 @@ def export_onnx(
     }
     meta_path(path).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def conversion_failed(model: Any, err: Exception) -> EngineUnsupported:
+    """EngineUnsupported for a failed ONNX export: torch.export's capture (the model's to fix, see
+    export_failed), or the exporter's own decomposition or translation (e.g. Swin's window attention: a
+    view of a non-contiguous tensor), with the exception the exporter summarises."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if "step 1/3" in text or "## Exception summary" not in text:
+        return export_failed("the ONNX exporter", model, err)
+    summary = text.split("## Exception summary", 1)[1].strip().splitlines()
+    cause = summary[0].strip()[:300] if summary else first_line(err)
+    where = next((ln.strip()[:200] for ln in summary if ln.startswith("While executing")), "")
+    step = re.search(r"Failed to (\w+)", text)
+    return EngineUnsupported(
+        f"the ONNX exporter cannot {step.group(1) if step else 'convert'} {type(model).__name__} for ONNX "
+        f"({cause}{'; ' + where if where else ''}); torch.export captures it, so PyTorch still runs it"
+    )
 
 
 def strip_metadata(path: Path) -> None:

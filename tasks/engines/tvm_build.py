@@ -21,8 +21,10 @@ than ONNX Runtime at batch 32 with both.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,9 +32,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.engines.base import (
+    EngineUnsupported,
     check_input,
     diff_vs_reference,
     export_failed,
+    first_line,
     quiet_torch_export,
     sha256_file,
 )
@@ -41,6 +45,8 @@ from tasks.errors import ArtifactError, StageError
 if TYPE_CHECKING:
     from tasks.devices import Device
     from tasks.engines.base import BuildJob
+
+log = logging.getLogger(__name__)
 
 LIBRARY = "model.so"
 META = "meta.json"
@@ -92,6 +98,22 @@ def _export(model: Any, example: Any) -> Any:
         raise export_failed("torch.export", model, e) from e
 
 
+def _import(ep: Any, model: Any) -> Any:
+    """The exported program as a Relax module, or EngineUnsupported naming the ops TVM's importer lacks."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        with quiet_torch_export():  # the importer re-runs torch's decompositions
+            return from_exported_program(ep, keep_params_as_input=False)
+    except Exception as e:  # AssertionError (unknown ops), NotImplementedError, ValueError, KeyError, ...
+        ops = re.search(r"Unsupported function types? (\[.*?\]|\S+)", str(e))
+        what = f"it has no translation for {ops.group(1)}" if ops else f"{type(e).__name__}: {first_line(e)}"
+        raise EngineUnsupported(
+            f"TVM's PyTorch importer cannot translate {type(model).__name__}: {what}. Leave tvm out of "
+            "benchmark.engines for this model, or replace the op with one TVM supports"
+        ) from e
+
+
 def _output_names(ep: Any) -> list[str]:
     from torch.export.graph_signature import OutputKind
 
@@ -137,7 +159,6 @@ def build_tvm(
     """
     import torch
     import tvm
-    from tvm.relax.frontend.torch import from_exported_program
 
     from tasks.engines.pad_channels import pad_channels as widen
     from tasks.engines.tvm_schedule import cpu_pipeline, vector_lanes
@@ -157,15 +178,25 @@ def build_tvm(
     tvm_target = tvm.target.Target(target)
     lanes = vector_lanes(tvm_target)
     compiled, padding = widen(model, example, lanes) if pad_channels else (model, {"padded": False})
+    # Export and import first: a model TVM cannot take is refused before any time goes into tuning.
+    ep = _export(compiled, example)
+    mod = _import(ep, model)
     knobs, tuning = {}, None
     if tuning_db is not None:
         budget = tuning_budget_s if runs_on_host(target) else 0.0
-        knobs, tuning = tune(compiled, example, tvm_target, tuning_db, budget_s=budget,
-                             batch_sizes=tuple(sorted(set(batch_sizes))))
-    ep = _export(compiled, example)
-    with quiet_torch_export():  # the importer re-runs torch's decompositions
-        mod = from_exported_program(ep, keep_params_as_input=False)
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, knobs))
+        try:
+            knobs, tuning = tune(compiled, example, tvm_target, tuning_db, budget_s=budget,
+                                 batch_sizes=tuple(sorted(set(batch_sizes))))
+        except Exception as e:  # tuning only picks knobs: the default schedule is correct
+            log.warning("TVM tuning failed (%s: %s); building with default knobs", type(e).__name__, first_line(e))
+            knobs, tuning = {}, {"skipped": f"tuning failed: {type(e).__name__}: {first_line(e)}"}
+    try:
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, knobs))
+    except Exception as e:  # tvm.error.* from a pass or LLVM: TVM cannot build this graph
+        raise EngineUnsupported(
+            f"TVM {tvm.__version__} cannot compile {type(model).__name__} for {target.get('mtriple') or 'this CPU'} "
+            f"({type(e).__name__}: {first_line(e)})"
+        ) from e
 
     # Write next to the final name and rename: a crash never leaves a half-written model.so.
     lib_path = out_dir / LIBRARY
@@ -183,10 +214,12 @@ def build_tvm(
         worst = max(diffs.values(), default=0.0)
         if worst > tolerance:
             # No meta.json: load_tvm refuses the library, which is kept for a bug report.
+            # Not a skip: a library that builds and computes something else is a bug (TVM's or our
+            # schedule's) that must be seen, not a limit of what TVM can express.
             raise StageError(
                 f"TVM output differs from PyTorch by {worst:.3g} (tolerance {tolerance:g}) for target "
                 f"{target}; the library in {out_dir} is wrong. Report it with that folder and try "
-                "another target (e.g. without mcpu) meanwhile"
+                "another target (e.g. without mcpu), or leave tvm out of benchmark.engines, meanwhile"
             )
 
     meta = {
@@ -305,6 +338,8 @@ def _tuning_line(meta: dict[str, Any]) -> str:
     t = meta.get("tuning")
     if not t:
         return "default schedule"
+    if t.get("skipped"):
+        return f"default schedule ({t['skipped']})"
     if not meta.get("verified_on_host"):  # cross-compiled: nothing can be timed here
         return f"default knobs (tuning times kernels on this CPU only), {t['from_db']} kernels from the database"
     return (f"tuned {t['tuned']} kernels in {t['seconds']:.0f} s, {t['from_db']} from the database"

@@ -269,10 +269,33 @@ def cpu_schedule_pass(target: Any, knobs: dict[str, Knobs] | None = None) -> Any
     return _pass
 
 
+def _convert_layout_or_keep() -> Any:
+    """ConvertLayout to NHWC, or the module as it is (NCHW: correct, slower convs) where TVM's pass fails.
+
+    TVM 0.27's ConvertLayout dies with std::bad_alloc on Swin's graph (window partition: reshapes,
+    strided slices and roll's take); everything after it compiles that graph fine without it.
+    """
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="ShrinkflowConvertLayout")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        try:
+            return relax.transform.ConvertLayout(CONV_LAYOUT)(mod)
+        except Exception as e:  # tvm.error.InternalError and friends: a TVM bug, not the model's
+            log.warning("TVM ConvertLayout failed (%s: %s); convolutions stay NCHW", type(e).__name__,
+                        str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+            return mod
+
+    return _pass
+
+
 def prepare_passes(target: Any) -> list[Any]:
     """The Relax passes before scheduling: library dispatch, BN folding, NHWC, legalize to PrimFuncs."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from tasks.engines.tvm_fold import fold_constants_pass
 
     return (
         cpu.library_dispatch_passes(target)
@@ -281,7 +304,10 @@ def prepare_passes(target: Any) -> list[Any]:
             relax.transform.DecomposeOpsForInference(),
             # Drops the (out, mean, var) tuple BN leaves behind, which would block fusing the ReLU.
             relax.transform.CanonicalizeBindings(),
-            relax.transform.ConvertLayout(CONV_LAYOUT),
+            _convert_layout_or_keep(),
+            # The weight transposes and BN constants, in numpy: FoldConstant compiles each with LLVM.
+            fold_constants_pass(),
+            relax.transform.CanonicalizeBindings(),
         ]
         + cpu.legalize_passes(target)
     )

@@ -104,6 +104,28 @@ def _time_kernel(func: Any, target: Any, number: int, repeat: int) -> float:
     return lib.mod.time_evaluator("main", dev, number=number, repeat=repeat, min_repeat_ms=20)(*args).median * 1e3
 
 
+def _distinct_schedules(funcs: dict[int, Any], lanes: int) -> list[tuple[Knobs, dict[int, Any]]]:
+    """The candidates that give different code for a kernel (at every batch size), the default first;
+    empty when the rule does not schedule it."""
+    from tvm_ffi import structural_hash
+
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for knobs in candidates(lanes):
+        try:
+            scheduled = {b: _schedule_func(f, lanes, knobs) for b, f in funcs.items()}
+        except Exception as e:  # a candidate that fails to schedule is skipped
+            log.debug("knobs %s: %s", knobs.key(), e)
+            continue
+        if any(s is None for s in scheduled.values()):
+            return []  # not a kernel the rule schedules: no knobs to choose
+        code = tuple(structural_hash(scheduled[b], map_free_vars=True) for b in sorted(scheduled))
+        if code not in seen:
+            seen.add(code)
+            out.append((knobs, scheduled))
+    return out
+
+
 def kernel_key(funcs: dict[int, Any], target: Any) -> str:
     """A kernel's database key: its code at every tuned batch size, and the target."""
     h = hashlib.sha256(str(target).encode())
@@ -135,13 +157,20 @@ def tune(
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     lanes = vector_lanes(target)
     db = TuningDB(db_path)
+    if budget_s <= 0 and not db.entries:
+        # Nothing to time and nothing to look up: extracting the kernels (an export, import and
+        # lowering per batch size) would only cost time.
+        return {}, {"kernels": None, "from_db": 0, "tuned": 0, "left_default": 0, "candidates": [],
+                    "gain": {}, "candidates_timed": 0, "seconds": 0.0, "extract_seconds": 0.0,
+                    "database": str(db_path) if db_path else None,
+                    "skipped": "no tuning budget and an empty database"}
     t0 = time.perf_counter()
     by_batch = {b: _kernels(model, example, target, b) for b in batch_sizes}
     names = sorted(set.intersection(*(set(k) for k in by_batch.values())))
     extract_s = time.perf_counter() - t0
     t0 = time.perf_counter()  # the budget is for timing candidates; extraction is a fixed cost
     chosen: dict[str, Knobs] = {}
-    report: dict[str, Any] = {"kernels": len(names), "from_db": 0, "tuned": 0, "left_default": 0,
+    report: dict[str, Any] = {"kernels": len(names), "from_db": 0, "tuned": 0, "left_default": 0, "untunable": 0,
                               "candidates": [k.key() for k in candidates(lanes)], "gain": {}}
     timed = 0
     for name in names:
@@ -156,14 +185,17 @@ def tune(
             report["left_default"] += 1
             continue
         ms: dict[str, dict[str, float]] = {}
-        for knobs in candidates(lanes):
+        distinct = _distinct_schedules(funcs, lanes)
+        if len(distinct) == 1:
+            # Every candidate gives the same code (an elementwise kernel, or a block the knobs do not
+            # change): the default is the answer, and compiling it to time it would be wasted.
+            report["untunable"] += 1
+            continue
+        for knobs, scheduled in distinct:
             try:
-                scheduled = {b: _schedule_func(f, lanes, knobs) for b, f in funcs.items()}
-                if any(s is None for s in scheduled.values()):
-                    break  # not a kernel the rule schedules: no knobs to choose
                 ms[knobs.key()] = {str(b): _time_kernel(s, target, number, repeat) for b, s in scheduled.items()}
                 timed += 1
-            except Exception as e:  # a candidate that fails to schedule or build is skipped
+            except Exception as e:  # a candidate that fails to build is skipped
                 log.debug("kernel %s, knobs %s: %s", name, knobs.key(), e)
             if time.perf_counter() - t0 > budget_s:
                 break

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.engines import ENGINES
-from tasks.latency.rows import Check, Latency, Pair
+from tasks.latency.rows import Check, Latency, Pair, Skipped
 from tasks.report import render_table
 
 
@@ -79,3 +79,24 @@ def latency_table(rows: list[Latency], checks: list[Check]) -> str:
                  f"{size / 1e3:.1f}" if size else "-"]
         lines.append(line)
     return render_table(header, lines)
+
+
+def skipped_lines(skipped: list[Skipped], checks: list[Check]) -> str:
+    """The builds compile skipped, as "tvm: skipped — <reason>" lines (one per engine, target and reason),
+    and, for a target where that leaves a model with no engine at all, a line that says nothing was measured."""
+    if not skipped:
+        return ""
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    for s in skipped:
+        grouped.setdefault((s.target, s.engine, s.reason), []).append(s.model)
+    lines = ["Skipped builds (the engine cannot express the model; not checked, not timed):"]
+    for (target, engine, reason), models in sorted(grouped.items(), key=lambda kv: (kv[0][0] != "host", kv[0])):
+        lines.append(f"  {engine}: skipped — {reason} [{' and '.join(sorted(models))} on {target}]")
+    measured = {(c.target, c.model) for c in checks}
+    for target, model in sorted({(s.target, s.model) for s in skipped}):
+        if (target, model) not in measured:
+            engines = sorted({s.engine for s in skipped if (s.target, s.model) == (target, model)})
+            lines.append(f"  NOTHING MEASURED for the {model} model on target {target!r}: {', '.join(engines)}, "
+                         "its only engine, was skipped. Serve the target with another engine (benchmark.engines), "
+                         "change the model, or drop the target")
+    return "\n".join(lines)

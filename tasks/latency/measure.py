@@ -27,11 +27,11 @@ from tasks.engines import Engine, get_engine
 from tasks.engines.pytorch_eager import TorchRunner
 from tasks.engines.timing import time_interleaved
 from tasks.errors import ArtifactError
-from tasks.latency.rows import Check, Latency
+from tasks.latency.rows import Check, Latency, Skipped
 from tasks.progress import say
 from tasks.workspace import read_json
 
-COMPILE_FORMAT = 2
+COMPILE_FORMAT = 3  # tasks/stages/compile.py's FORMAT: rows are artifacts or skips
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ class Artifact:
         return lib.stat().st_size if "library" in self.meta and lib.is_file() else None
 
 
-def artifacts(ctx: StageContext) -> list[Artifact]:
-    """The artifacts the compile stage listed in compile.json."""
+def artifacts(ctx: StageContext) -> tuple[list[Artifact], list[Skipped]]:
+    """The artifacts the compile stage listed in compile.json, and the builds it skipped."""
     doc = read_json(ctx.paths.require("compile", "compile.json"))
     if not isinstance(doc, dict) or doc.get("format") != COMPILE_FORMAT:
         raise ArtifactError(
@@ -67,8 +67,10 @@ def artifacts(ctx: StageContext) -> list[Artifact]:
             f"compile stage: shrinkflow run {ctx.paths.pipeline} --force compile"
         )
     compiled, registry = ctx.paths.stage_dir("compile"), registry_of(ctx.cfg)
-    return [Artifact(get_engine(a["engine"]), a["model"], get_device(a["target"], registry), compiled / a["path"],
-                     a["meta"]) for a in doc["artifacts"]]
+    built = [Artifact(get_engine(a["engine"]), a["model"], get_device(a["target"], registry), compiled / a["path"],
+                      a["meta"]) for a in doc["artifacts"] if "skipped" not in a]
+    skipped = [Skipped(a["model"], a["engine"], a["target"], str(a["skipped"])) for a in doc["artifacts"] if "skipped" in a]
+    return built, skipped
 
 
 @dataclass
@@ -119,6 +121,7 @@ class Measured:
     checks: list[Check] = field(default_factory=list)
     rows: list[Latency] = field(default_factory=list)
     estimates: dict[str, dict[str, Any]] = field(default_factory=dict)  # by target
+    skipped: list[Skipped] = field(default_factory=list)  # builds compile skipped: reported, not measured
 
 
 def interleaved(arts: list[Artifact], data: TestSplit, bc: BenchmarkConfig) -> Measured:
@@ -167,9 +170,10 @@ def estimated(a: Artifact, data: TestSplit, bc: BenchmarkConfig) -> Measured:
     return Measured(checks=[c], estimates={a.target: est})
 
 
-def measure(arts: list[Artifact], data: TestSplit, bc: BenchmarkConfig) -> Measured:
-    """Every artifact checked, and timed or estimated as its engine declares."""
+def measure(arts: list[Artifact], data: TestSplit, bc: BenchmarkConfig, skipped: list[Skipped] | None = None) -> Measured:
+    """Every artifact checked, and timed or estimated as its engine declares; the skipped builds listed."""
     m = interleaved([a for a in arts if a.engine.timing == "interleaved"], data, bc)
+    m.skipped = list(skipped or [])
     for a in arts:
         if a.engine.timing != "interleaved":
             part = (on_device if a.engine.timing == "device" else estimated)(a, data, bc)

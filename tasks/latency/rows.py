@@ -61,5 +61,19 @@ class Pair:
     emulated: bool | None
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A build the compile stage skipped: the engine cannot express the model (nothing to check or time)."""
+
+    model: str
+    engine: str
+    target: str
+    reason: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.model, self.engine, self.target)
+
+
 def to_json(rows: list[Any]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(r) for r in rows]

@@ -15,7 +15,7 @@ from typing import Any
 from tasks.context import StageContext
 from tasks.engines import get_engine
 from tasks.engines.timing import set_threads
-from tasks.latency.best import best_engines, latency_table, pairs, vs_base_eager
+from tasks.latency.best import best_engines, latency_table, pairs, skipped_lines, vs_base_eager
 from tasks.latency.feedback import feed_back
 from tasks.latency.measure import Measured, artifacts, measure, test_split
 from tasks.latency.rows import to_json
@@ -27,12 +27,14 @@ from tasks.workspace import write_json
 def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     bc = ctx.cfg.benchmark
     data = test_split(ctx, max(bc.batch_sizes))
+    built, skipped = artifacts(ctx)
     with set_threads(bc.threads):
-        m = measure(artifacts(ctx), data, bc)
+        m = measure(built, data, bc, skipped)
     best = best_engines(m.rows, bc.batch_sizes)
     result = {"threads": bc.threads, "warmup": bc.warmup, "repeat": bc.repeat, "rows": to_json(m.rows),
               "pairs": to_json(pairs(m.rows)), "checks": to_json(m.checks), "best": best,
-              "best_vs_base_eager": vs_base_eager(m.rows, best), "estimates": m.estimates}
+              "best_vs_base_eager": vs_base_eager(m.rows, best), "estimates": m.estimates,
+              "skipped": to_json(m.skipped)}
     write_json(out / "latency.json", result)
     (out / "latency.txt").write_text(_text(m) + "\n")
     say(f"latency per target and engine (local engines interleaved in one process, {bc.threads} threads):\n{_text(m)}")
@@ -45,13 +47,16 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     feed_back(ctx.paths.root / "cache", m.rows, data.models)
     # int8 is compared with float PyTorch (what quantization changed), not with the model it runs
     exact = [c for c in m.checks if get_engine(c.engine).dtype != "int8"]
-    return {"pairs": len(result["pairs"]), "max_abs_diff": max((c.max_abs_diff_vs_pytorch or 0.0) for c in exact),
-            "min_top1_agreement": min((c.top1_agreement_vs_pytorch or 1.0) for c in m.checks), "best": best}
+    return {"pairs": len(result["pairs"]), "max_abs_diff": max(((c.max_abs_diff_vs_pytorch or 0.0) for c in exact), default=0.0),
+            "min_top1_agreement": min(((c.top1_agreement_vs_pytorch or 1.0) for c in m.checks), default=1.0), "best": best,
+            "skipped": [f"{s.engine} {s.model} on {s.target}" for s in m.skipped]}
 
 
 def _text(m: Measured) -> str:
     """The latency table, and what an estimate-only engine (FPGA) measured instead."""
     text = latency_table(m.rows, m.checks)
+    if m.skipped:
+        text += "\n\n" + skipped_lines(m.skipped, m.checks)
     for target, est in m.estimates.items():
         c = next(c for c in m.checks if c.target == target)
         line = get_engine(c.engine).adapter.estimate_line(est)
@@ -71,5 +76,7 @@ def _log(tracker: StageRun, m: Measured, best: dict[str, Any], out: Path) -> Non
                          **({f"{prefix}.max_abs_diff": c.max_abs_diff_vs_pytorch}
                             if c.max_abs_diff_vs_pytorch is not None else {})})
     tracker.params({f"best_engine.{t}.b{b}": v["engine"] for t, per in best.items() for b, v in per.items()})
+    if m.skipped:
+        tracker.tags({f"skipped.{s.model}.{s.engine}.{s.target}": s.reason[:5000] for s in m.skipped})
     tracker.artifact(out / "latency.json")
     tracker.artifact(out / "latency.txt")

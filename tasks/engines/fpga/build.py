@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.engines.base import sha256_file
+from tasks.engines.base import EngineUnsupported, sha256_file
 from tasks.engines.fpga.estimate import DEFAULT_PART, SYNTHESIS_NOTE, estimate_resources
 from tasks.engines.fpga.precision import _auto_reuse, _choose_precisions
 from tasks.engines.fpga.prepare import _Prepared, prepare_for_hls
@@ -142,7 +142,7 @@ def build_hls(
                     channels_last_conversion="internal", transpose_outputs=False,
                 )
             except Exception as e:  # hls4ml raises bare Exception for unsupported layers
-                raise StageError(f"hls4ml's PyTorch frontend cannot convert the model: {e}. Supported layers: "
+                raise EngineUnsupported(f"hls4ml's PyTorch frontend cannot convert the model: {e}. Supported layers: "
                                  f"{_supported_layers()}") from e
             cfg["Model"]["Strategy"] = strategy
             layer_cfg = cfg["LayerName"]
@@ -151,7 +151,7 @@ def build_hls(
                     layer_cfg[name]["ReuseFactor"] = rf
             missing = [n for n in layer_cfg if n not in prec]
             if missing:
-                raise StageError(f"no precision derived for hls4ml layers {missing}; this model has an operation "
+                raise EngineUnsupported(f"no precision derived for hls4ml layers {missing}; this model has an operation "
                                  "build_hls does not know how to bound")
             for name, lc in layer_cfg.items():
                 p = lc.setdefault("Precision", {})

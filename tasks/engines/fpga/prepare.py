@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.engines.base import EngineUnsupported
 from tasks.errors import StageError
 
 # --------------------------------------------------------------------------- quantization -> layers
@@ -146,7 +147,7 @@ def prepare_for_hls(model: Any, example: Any) -> _Prepared:
     qlayers: dict[str, _QLayer] = {}
     for name, m in quant:
         if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
-            raise StageError(
+            raise EngineUnsupported(
                 f"layer {name!r}: hls4ml's PyTorch frontend supports only groups=1 convolutions with zero "
                 f"padding (got groups={m.groups}, padding_mode={m.padding_mode!r}); depthwise models such "
                 "as mobilenet_tiny cannot be converted"
@@ -176,7 +177,7 @@ def prepare_for_hls(model: Any, example: Any) -> _Prepared:
     try:
         gm = torch.fx.GraphModule(qm, _trace(qm))
     except Exception as e:
-        raise StageError(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}); hls4ml's "
+        raise EngineUnsupported(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}); hls4ml's "
                          "PyTorch frontend needs an fx-traceable model (no data-dependent control flow)") from e
     graph = gm.graph
     ShapeProp(gm).propagate(example)
@@ -201,7 +202,7 @@ def prepare_for_hls(model: Any, example: Any) -> _Prepared:
             oh, ow = (m.output_size, m.output_size) if isinstance(m.output_size, int) else m.output_size
             oh, ow = oh or h, ow or w
             if h % oh or w % ow:
-                raise StageError(f"{node.target}: AdaptiveAvgPool2d from {h}x{w} to {oh}x{ow} is not a fixed-window "
+                raise EngineUnsupported(f"{node.target}: AdaptiveAvgPool2d from {h}x{w} to {oh}x{ow} is not a fixed-window "
                                  "pooling; hls4ml cannot express it")
             _set_module(gm, node.target, nn.AvgPool2d((h // oh, w // ow), (h // oh, w // ow)))
             changes.append(f"{node.target}: AdaptiveAvgPool2d({m.output_size}) -> AvgPool2d({h // oh}x{w // ow}), "
@@ -209,11 +210,11 @@ def prepare_for_hls(model: Any, example: Any) -> _Prepared:
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
-        raise StageError(f"build_hls supports single-input models, this one has {len(placeholders)} inputs")
+        raise EngineUnsupported(f"build_hls supports single-input models, this one has {len(placeholders)} inputs")
     users = list(placeholders[0].users)
     bad = [u.format_node() for u in users if not (u.op == "call_module" and u.target in qlayers)]
     if bad:
-        raise StageError(
+        raise EngineUnsupported(
             "the model input must feed only quantized Conv2d/Linear layers (their input quantizer runs on "
             f"the host); here it also feeds: {bad}"
         )

@@ -144,5 +144,6 @@ def test_zero_budget_and_a_broken_database(tiny_model, tiny_example, tmp_path):
     db.write_text("{not json")
     meta = build_tvm(tiny_model, tiny_example, {"kind": "llvm", "mcpu": "native"}, tmp_path / "a",
                      tuning_db=db, tuning_budget_s=0)
-    assert meta["tuning"]["tuned"] == 0 and meta["tuning"]["left_default"] >= 1
+    # nothing to time and nothing to read: the kernels are not even extracted (that was most of a compile)
+    assert meta["tuning"]["tuned"] == 0 and meta["tuning"]["kernels"] is None and meta["tuning"]["skipped"]
     assert meta["max_abs_diff"] < 1e-3

@@ -97,3 +97,38 @@ def test_an_old_compile_json_is_refused_with_the_fix(run, tmp_path):
             run_stage("benchmark", "board", "r1", config_path=cfg, workspace=ws, force=True)
     finally:
         target.write_text(kept)
+
+
+def test_an_engine_that_cannot_express_the_model_is_a_recorded_skip(tmp_path):
+    """EngineUnsupported becomes a compile.json row with the reason and no artifact; the benchmark's table
+    says "tvm: skipped — <reason>" and that a target left without any engine measured nothing."""
+    from tasks.devices import Device
+    from tasks.engines import Build, Engine
+    from tasks.engines.base import BuildJob, EngineUnsupported
+    from tasks.latency.best import skipped_lines
+    from tasks.latency.rows import Check, Skipped
+    from tasks.stages.compile import build_row
+
+    class Adapter:
+        @staticmethod
+        def build(job):
+            (job.out / "model.so").parent.mkdir(parents=True)
+            (job.out / "model.so").write_text("half-built")
+            raise EngineUnsupported("TVM's PyTorch importer cannot translate M: it has no translation for ['i0.default']")
+
+    engine = Engine("tvm", "unused", "{model}/{target}", "local", "float32", "interleaved")
+    object.__setattr__(engine, "build", Adapter.build)  # the frozen dataclass's adapter, bypassed
+    host = Device(name="host", target={"kind": "llvm"})
+    b = Build(engine, "compressed", host)
+    job = BuildJob(model=None, example=None, device=host, out=tmp_path / b.path, root=tmp_path)
+    row = build_row(b, job)
+    assert row == {"model": "compressed", "engine": "tvm", "target": "host",
+                   "skipped": "TVM's PyTorch importer cannot translate M: it has no translation for ['i0.default']"}
+    assert not (tmp_path / b.path).exists()  # nothing half-built is left
+
+    skipped = [Skipped("compressed", "tvm", "host", row["skipped"]), Skipped("base", "tvm_rpc", "board", "no op")]
+    checks = [Check("compressed", "pytorch", "host", 10, 90.0, 0.0, 1.0)]
+    text = skipped_lines(skipped, checks)
+    assert "tvm: skipped — TVM's PyTorch importer cannot translate M" in text
+    assert "NOTHING MEASURED for the base model on target 'board': tvm_rpc, its only engine, was skipped" in text
+    assert "target 'host'" not in text  # PyTorch measured the host
