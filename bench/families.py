@@ -15,6 +15,7 @@ front; the compiled engines are where the MACs turn into time. Printed per famil
   TVM against ONNX Runtime (fp32) on the compressed model at b1 / b32, or why TVM was skipped.
 
     .venv/bin/python bench/families.py [--families vit,convnext] [--train-subset 6000] [--epochs 3]
+                                       [--tvm-tuning-s 30]
 
 Each run is a real `shrinkflow run --no-airflow` in a subprocess (its log lands beside the run); a
 family that fails prints its error and the table goes on. JSON: bench/results/families.json.
@@ -41,7 +42,7 @@ from tasks.models.families import FAMILIES  # noqa: E402
 WORKSPACE = ROOT / ".shrinkflow" / "bench" / "families"
 
 
-def pipeline(name: str, arch: dict[str, Any], subset: int, epochs: int) -> dict[str, Any]:
+def pipeline(name: str, arch: dict[str, Any], subset: int, epochs: int, tuning_s: float) -> dict[str, Any]:
     """The same recipe for every family: only the model differs."""
     model = {k: v for k, v in arch.items() if k != "kwargs"}
     model["kwargs"] = arch.get("kwargs", {})
@@ -55,7 +56,7 @@ def pipeline(name: str, arch: dict[str, Any], subset: int, epochs: int) -> dict[
         "search": {"n_trials": 0},
         "finetune": {"epochs": epochs, "batch_size": 128, "lr": 0.02},
         "targets": ["host"],
-        "compile": {"tuning": {"budget_s": 0}},
+        "compile": {"tuning": {"budget_s": tuning_s}},
         "benchmark": {"batch_sizes": [1, 32], "warmup": 5, "repeat": 20, "threads": 2},
     }
 
@@ -124,6 +125,7 @@ def main() -> int:
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: all)")
     ap.add_argument("--train-subset", type=int, default=6000, help="training images (same for every family)")
     ap.add_argument("--epochs", type=int, default=3, help="training and fine-tuning epochs (same for every family)")
+    ap.add_argument("--tvm-tuning-s", type=float, default=30.0, help="TVM tuning budget per model (0: default knobs)")
     ap.add_argument("--run-id", default="bench")
     args = ap.parse_args()
     names = [n for n in args.families.split(",") if n]
@@ -133,7 +135,7 @@ def main() -> int:
     WORKSPACE.mkdir(parents=True, exist_ok=True)
     config = WORKSPACE / "pipelines.yaml"
     doc = {"pipelines": {f"fam_{n}": pipeline(n, FAMILIES[n].bench_arch or FAMILIES[n].arch, args.train_subset,
-                                                args.epochs) for n in names}}
+                                                args.epochs, args.tvm_tuning_s) for n in names}}
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     rows: dict[str, dict[str, Any]] = {}
     for n in names:

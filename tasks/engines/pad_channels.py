@@ -182,7 +182,10 @@ def _pad(model: nn.Module, example: torch.Tensor, multiple: int, atol: float, re
     handlers, moving = _handlers(), _index_moving_ops()
     names = {m: n for n, m in padded.named_modules()}
     try:
-        graph = tp.DependencyGraph().build_dependency(padded, example)
+        from compression_ops.channel_prune import quiet_unwrapped
+
+        with quiet_unwrapped():
+            graph = tp.DependencyGraph().build_dependency(padded, example)
         groups = list(graph.get_all_groups(ignored_layers=output_layers(padded, example),
                                            root_module_types=[nn.Conv2d]))
     except Exception as e:  # a graph torch-pruning cannot trace: compile as is
