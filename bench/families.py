@@ -9,7 +9,7 @@ eager at batch 1 is dominated by per-op overhead (a ViT pruned at ratio 0.95 ran
 in eager), so a 2x eager-latency goal is out of reach by pruning and the pipeline would refuse it up
 front; the compiled engines are where the MACs turn into time. Printed per family:
 
-  accuracy drop, MACs ratio, the fraction of MACs the plan covered (compress/coverage.json),
+  accuracy drop, MACs ratio, the fraction of MACs the plan covered (finetune/coverage.json: every op of the plan),
   the fastest engine for the compressed model at b1 / b32 and its speed-up against the base model in
   PyTorch eager (benchmark/latency.json, every engine timed interleaved in one process),
   TVM against ONNX Runtime (fp32) on the compressed model at b1 / b32, or why TVM was skipped.
@@ -75,7 +75,7 @@ def _engine_ms(lat: dict[str, Any], engine: str, batch: int) -> float | None:
 def summarise(run: Path) -> dict[str, Any]:
     """The figures of one finished run, read from its artifacts."""
     base, comp = _json(run / "train_base/metrics.json"), _json(run / "finetune/metrics.json")
-    cov = _json(run / "compress/coverage.json") or {}
+    cov = _json(run / "finetune/coverage.json") or {}  # the whole plan's: pruning and int8
     lat = _json(run / "benchmark/latency.json") or {}
     compiled = _json(run / "compile/compile.json") or {}
     best = lat.get("best", {}).get("host", {})
