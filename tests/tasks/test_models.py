@@ -50,7 +50,7 @@ def test_pruned_checkpoint_roundtrip(tmp_path):
     back, info = load_checkpoint(tmp_path / "m.pt")
     x = torch.randn(4, 1, 28, 28)
     assert torch.allclose(back(x), pruned(x), atol=1e-6)
-    assert info["structure"]["blocks.0.dw.0"]["groups"] == pruned.blocks[0].dw[0].groups
+    assert info["structure"]["blocks.0.dw.0"]["attrs"]["groups"] == pruned.blocks[0].dw[0].groups
 
 
 def test_corrupt_checkpoint(tmp_path):
