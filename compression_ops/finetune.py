@@ -14,6 +14,8 @@ from torch import nn
 from compression_ops.base import Batches, TrainHook, check_range
 from compression_ops.distill import Distill, FeatureHint, kd_loss
 
+OPTIMIZERS = ("sgd", "adamw")
+
 
 @dataclasses.dataclass
 class TrainSpec:
@@ -24,12 +26,16 @@ class TrainSpec:
     label_smoothing: float = 0.0
     schedule: str = "cosine"  # "onecycle" from scratch (warm-up), "cosine" for fine-tuning
     seed: int = 0
+    # sgd: SGD + Nesterov momentum (convnets); adamw: AdamW (transformers, which SGD trains poorly)
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         check_range("epochs", self.epochs, 0, 10_000)
         check_range("lr", self.lr, 0.0, 10.0, lo_open=True)
         if self.schedule not in ("cosine", "onecycle"):
             raise ValueError(f"schedule={self.schedule!r}: expected 'cosine' or 'onecycle'")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
 def _to_cl(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +78,7 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], Any] | None = None,
     hooks: list[TrainHook] | None = None,
 ) -> list[dict[str, float]]:
-    """Train `model` in place with SGD + Nesterov; distil from `teacher` when both it and `distill` are given.
+    """Train `model` in place with SGD + Nesterov (or AdamW: spec.optimizer); distil from `teacher` when both it and `distill` are given.
 
     Returns one dict per epoch (train loss, train accuracy, val accuracy when `val` is given).
     `hooks` keep compression constraints (masks, codebooks, fake-quant ranges) in force while training.
@@ -93,12 +99,11 @@ def fit(
     params = list(model.parameters()) + (list(hint.parameters()) if hint else [])
     for p in params:
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.lr,
-        momentum=spec.momentum,
-        nesterov=True,
-    )
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if spec.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.momentum, 0.999))
+    else:
+        opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=True)
     steps = spec.epochs * len(train)  # type: ignore[arg-type]
     # OneCycleLR divides by its warm-up length, int(0.2 * steps) - 1: under 10 steps that is 0 or less
     # (ZeroDivisionError), and so short a run has nothing to warm up anyway.

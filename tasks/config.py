@@ -102,10 +102,16 @@ class ModelConfig(_Strict):
         return self.name or self.factory
 
 
+Optimizer = Literal["sgd", "adamw"]
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.1, gt=0)
+    optimizer: Optimizer = Field(
+        "sgd", description="sgd (Nesterov momentum; convnets) or adamw (transformers, e.g. lr 1e-3)"
+    )
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = False
@@ -172,6 +178,7 @@ class FinetuneConfig(_Strict):
     epochs: int = Field(5, ge=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.02, gt=0)
+    optimizer: Optimizer | None = Field(None, description="sgd or adamw; none: train.optimizer")
     weight_decay: float = Field(5e-4, ge=0)
     distill: DistillConfig = Field(default_factory=DistillConfig)
 

@@ -161,7 +161,7 @@ def build_tvm(
     import tvm
 
     from tasks.engines.pad_channels import pad_channels as widen
-    from tasks.engines.tvm_schedule import cpu_pipeline, vector_lanes
+    from tasks.engines.tvm_schedule import vector_lanes
     from tasks.engines.tvm_tune import tune
 
     if example.dim() < 2:
@@ -190,37 +190,26 @@ def build_tvm(
         except Exception as e:  # tuning only picks knobs: the default schedule is correct
             log.warning("TVM tuning failed (%s: %s); building with default knobs", type(e).__name__, first_line(e))
             knobs, tuning = {}, {"skipped": f"tuning failed: {type(e).__name__}: {first_line(e)}"}
-    try:
-        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, knobs))
-    except Exception as e:  # tvm.error.* from a pass or LLVM: TVM cannot build this graph
-        raise EngineUnsupported(
-            f"TVM {tvm.__version__} cannot compile {type(model).__name__} for {target.get('mtriple') or 'this CPU'} "
-            f"({type(e).__name__}: {first_line(e)})"
-        ) from e
-
-    # Write next to the final name and rename: a crash never leaves a half-written model.so.
-    lib_path = out_dir / LIBRARY
-    tmp_path = out_dir / (LIBRARY + ".tmp.so")
-    if fcompile is None:
-        executable.export_library(str(tmp_path))
-    else:
-        executable.export_library(str(tmp_path), fcompile=fcompile)
-    tmp_path.replace(lib_path)
-
-    diffs: dict[str, float] = {}
-    if runs_on_host(target):
-        runner = TVMRunner(lib_path, tuple([None, *example.shape[1:]]))
-        diffs = diff_vs_reference(model, runner, example, batch_sizes)
+    lib_path, diffs = _compile_and_check(mod, model, example, target, tvm_target, knobs, out_dir, batch_sizes, fcompile)
+    worst = max(diffs.values(), default=0.0)
+    if worst > tolerance and knobs:
+        # The default schedule is the reference one; a tuned variant that computes something else (seen
+        # once in 20 tuned MobileNetV3 builds, 0.08 off) is dropped for this build, and said so.
+        log.warning("TVM with tuned knobs differs from PyTorch by %.3g; rebuilding with default knobs", worst)
+        tuning = {**(tuning or {}), "rejected": f"tuned knobs gave outputs {worst:.3g} off PyTorch; default knobs used"}
+        knobs = {}
+        lib_path, diffs = _compile_and_check(mod, model, example, target, tvm_target, knobs, out_dir, batch_sizes,
+                                             fcompile)
         worst = max(diffs.values(), default=0.0)
-        if worst > tolerance:
-            # No meta.json: load_tvm refuses the library, which is kept for a bug report.
-            # Not a skip: a library that builds and computes something else is a bug (TVM's or our
-            # schedule's) that must be seen, not a limit of what TVM can express.
-            raise StageError(
-                f"TVM output differs from PyTorch by {worst:.3g} (tolerance {tolerance:g}) for target "
-                f"{target}; the library in {out_dir} is wrong. Report it with that folder and try "
-                "another target (e.g. without mcpu), or leave tvm out of benchmark.engines, meanwhile"
-            )
+    if worst > tolerance:
+        # No meta.json: load_tvm refuses the library, which is kept for a bug report.
+        # Not a skip: a library that builds and computes something else is a bug (TVM's or our
+        # schedule's) that must be seen, not a limit of what TVM can express.
+        raise StageError(
+            f"TVM output differs from PyTorch by {worst:.3g} (tolerance {tolerance:g}) for target "
+            f"{target}; the library in {out_dir} is wrong. Report it with that folder and try "
+            "another target (e.g. without mcpu), or leave tvm out of benchmark.engines, meanwhile"
+        )
 
     meta = {
         "engine": "tvm",
@@ -244,6 +233,35 @@ def build_tvm(
     }
     (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _compile_and_check(mod: Any, model: Any, example: Any, target: dict[str, Any], tvm_target: Any,
+                       knobs: dict[str, Any], out_dir: Path, batch_sizes: Any, fcompile: Any) -> tuple[Path, dict[str, float]]:
+    """Compile `mod` with `knobs`, write the library atomically, and (on the host) its max |diff| vs
+    PyTorch per batch size ({} when cross-compiled: the benchmark checks it on the device)."""
+    import tvm
+
+    from tasks.engines.tvm_schedule import cpu_pipeline
+
+    try:
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, knobs))
+    except Exception as e:  # tvm.error.* from a pass or LLVM: TVM cannot build this graph
+        raise EngineUnsupported(
+            f"TVM {tvm.__version__} cannot compile {type(model).__name__} for {target.get('mtriple') or 'this CPU'} "
+            f"({type(e).__name__}: {first_line(e)})"
+        ) from e
+    # Write next to the final name and rename: a crash never leaves a half-written model.so.
+    lib_path = out_dir / LIBRARY
+    tmp_path = out_dir / (LIBRARY + ".tmp.so")
+    if fcompile is None:
+        executable.export_library(str(tmp_path))
+    else:
+        executable.export_library(str(tmp_path), fcompile=fcompile)
+    tmp_path.replace(lib_path)
+    if not runs_on_host(target):
+        return lib_path, {}
+    runner = TVMRunner(lib_path, tuple([None, *example.shape[1:]]))
+    return lib_path, diff_vs_reference(model, runner, example, batch_sizes)
 
 
 class TVMRunner:
@@ -340,6 +358,8 @@ def _tuning_line(meta: dict[str, Any]) -> str:
         return "default schedule"
     if t.get("skipped"):
         return f"default schedule ({t['skipped']})"
+    if t.get("rejected"):
+        return f"default schedule ({t['rejected']})"
     if not meta.get("verified_on_host"):  # cross-compiled: nothing can be timed here
         return f"default knobs (tuning times kernels on this CPU only), {t['from_db']} kernels from the database"
     return (f"tuned {t['tuned']} kernels in {t['seconds']:.0f} s, {t['from_db']} from the database"

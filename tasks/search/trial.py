@@ -275,7 +275,8 @@ class TrialRunner:
                     raise optuna.TrialPruned(f"val accuracy {row['val_accuracy']:.2f}% at epoch {epoch}")
 
         spec = TrainSpec(epochs=sc.trial_epochs, lr=ft["lr"], weight_decay=self.cfg.finetune.weight_decay,
-                         schedule="cosine", seed=self.cfg.train.seed)
+                         schedule="cosine", seed=self.cfg.train.seed,
+                         optimizer=self.cfg.finetune.optimizer or self.cfg.train.optimizer)
         fit(model, train, spec, teacher=self.base if distill else None, distill=distill, val=self._val,
             on_epoch=on_epoch, hooks=hooks)
         for h in hooks:

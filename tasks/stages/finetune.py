@@ -34,7 +34,8 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     sp = ctx.splits()
     data = OpData(example=ctx.example(1), batches=sp.batches("train", 64, train=True, seed=1), max_batches=16)
     student, hooks, reports = apply_ops(ctx.cfg, student, ops_in_phase(plan, "train"), data)
-    spec = TrainSpec(epochs=fc.epochs, lr=lr, weight_decay=fc.weight_decay, schedule="cosine", seed=ctx.cfg.train.seed)
+    spec = TrainSpec(epochs=fc.epochs, lr=lr, weight_decay=fc.weight_decay, schedule="cosine", seed=ctx.cfg.train.seed,
+                     optimizer=fc.optimizer or ctx.cfg.train.optimizer)
     ctx.tracker.params({"finetune": {**fc.model_dump(), "lr": lr}, "distill": distill.to_dict() if distill else "off"})
     fit(
         student,

@@ -66,6 +66,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
             label_smoothing=tc.label_smoothing,
             schedule="onecycle",
             seed=tc.seed,
+            optimizer=tc.optimizer,
         )
         ctx.tracker.params({"train": tc.model_dump(), "model": arch})
         history = fit(

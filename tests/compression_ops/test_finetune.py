@@ -93,3 +93,20 @@ def test_feature_hint_trains_student_features_only(splits):
     assert not student.fc._forward_pre_hooks and not teacher.fc._forward_pre_hooks  # hooks removed
     with pytest.raises(OpConfigError, match="hint_weight"):
         Distill(hint_weight=-1)
+
+
+def test_adamw_trains_a_transformer(splits):
+    """AdamW (train.optimizer: adamw) trains a ViT on data where the model has to learn something."""
+    from tasks.models.user import build_arch
+
+    vit = {"transformers": {"model_type": "vit", "image_size": 8, "patch_size": 2, "hidden_size": 32,
+                            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}}
+    torch.manual_seed(0)
+    m = build_arch(vit, in_channels=1, num_classes=4)
+    fit(m, splits.batches("train", 32, train=True), TrainSpec(epochs=4, lr=2e-3, schedule="onecycle", optimizer="adamw"))
+    assert evaluate(m, splits.batches("test"))["accuracy"] > 60  # chance is 25 %
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="optimizer='adam'.*sgd, adamw"):
+        TrainSpec(epochs=1, lr=0.1, optimizer="adam")

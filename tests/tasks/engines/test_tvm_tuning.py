@@ -147,3 +147,26 @@ def test_zero_budget_and_a_broken_database(tiny_model, tiny_example, tmp_path):
     # nothing to time and nothing to read: the kernels are not even extracted (that was most of a compile)
     assert meta["tuning"]["tuned"] == 0 and meta["tuning"]["kernels"] is None and meta["tuning"]["skipped"]
     assert meta["max_abs_diff"] < 1e-3
+
+
+def test_tuned_knobs_that_compute_wrong_are_dropped_for_the_default_schedule(tiny_model, tiny_example, tmp_path,
+                                                                             monkeypatch):
+    """A tuned build whose outputs disagree with PyTorch is rebuilt with default knobs (seen once: a tuned
+    MobileNetV3 kernel 0.08 off), and the metadata says so; only a wrong default build is an error."""
+    import tasks.engines.tvm_build as tb
+    import tasks.engines.tvm_tune as tt
+
+    real = tb._compile_and_check
+    monkeypatch.setattr(tt, "tune", lambda *a, **k: ({"fused_conv2d": object()}, {"tuned": 1, "from_db": 0,
+                                                                                  "left_default": 0, "seconds": 1.0}))
+
+    def check(mod, model, example, target, tvm_target, knobs, out_dir, batch_sizes, fcompile):
+        if knobs:  # what a wrong tuned kernel looks like from here
+            return out_dir / tb.LIBRARY, {"1": 0.08}
+        return real(mod, model, example, target, tvm_target, knobs, out_dir, batch_sizes, fcompile)
+
+    monkeypatch.setattr(tb, "_compile_and_check", check)
+    meta = tb.build_tvm(tiny_model, tiny_example, {"kind": "llvm", "mcpu": "native"}, tmp_path / "a",
+                        batch_sizes=(1,), tuning_db=tmp_path / "db.json", tuning_budget_s=5)
+    assert meta["max_abs_diff"] < 1e-3 and "default knobs used" in meta["tuning"]["rejected"]
+    assert "default knobs" in meta["pipeline"] and "default schedule (tuned knobs gave" in tb._tuning_line(meta)
