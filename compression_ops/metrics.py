@@ -13,13 +13,22 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass at the example's batch size (Torch-Pruning's counter)."""
+    """Multiply-accumulates of one forward pass at the example's batch size (Torch-Pruning's counter, by
+    layer). A model whose compute is in no layer it knows (a torch.export graph of aten ops) is counted by
+    torch's FLOP counter instead: half its FLOPs."""
     import torch_pruning as tp
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
         macs, _ = tp.utils.count_ops_and_params(model, example)
+        if not macs:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(example)
+            macs = counter.get_total_flops() // 2
     model.train(was_training)
     return int(macs)
 

@@ -25,6 +25,14 @@ class EngineUnsupported(StageError):
     raises stays an error: a corrupt artifact, or outputs that disagree with PyTorch (a wrong build)."""
 
 
+def exportable(model: Any) -> Any:
+    """The module the exporters trace: a model wrapping an already exported graph (model.exported, see
+    tasks/models/exported.py) offers the graph through `exportable()`; traced through the wrapper, the
+    graph's attributes end up nested where TVM's importer and the ONNX exporter cannot resolve them."""
+    inner = getattr(model, "exportable", None)
+    return inner() if callable(inner) else model
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message, shortened: enough to say what failed in a log line."""
     text = str(err).strip()

@@ -23,6 +23,7 @@ from tasks.engines.base import (
     check_input,
     diff_vs_reference,
     export_failed,
+    exportable,
     first_line,
     quiet_torch_export,
     sha256_file,
@@ -73,7 +74,7 @@ def export_onnx(
     try:
         with contextlib.redirect_stdout(io.StringIO()), quiet_torch_export():
             torch.onnx.export(
-                model,
+                exportable(model),
                 args,
                 str(tmp),
                 dynamo=True,

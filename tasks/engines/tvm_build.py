@@ -36,6 +36,7 @@ from tasks.engines.base import (
     check_input,
     diff_vs_reference,
     export_failed,
+    exportable,
     first_line,
     quiet_torch_export,
     sha256_file,
@@ -93,7 +94,7 @@ def _export(model: Any, example: Any) -> Any:
     example2 = example[:1].repeat(2, *([1] * (example.dim() - 1)))
     try:
         with quiet_torch_export():
-            return torch.export.export(model, (example2,), dynamic_shapes=({0: batch},))
+            return torch.export.export(exportable(model), (example2,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch raises many types (UserError, Unsupported, ...)
         raise export_failed("torch.export", model, e) from e
 

@@ -79,11 +79,11 @@ def _kernels(model: Any, example: Any, target: Any, batch: int) -> dict[str, Any
     from tvm import tirx
     from tvm.relax.frontend.torch import from_exported_program
 
-    from tasks.engines.base import quiet_torch_export
+    from tasks.engines.base import exportable, quiet_torch_export
 
     x = example[:1].repeat(batch, *([1] * (example.dim() - 1)))
     with quiet_torch_export():
-        ep = torch.export.export(model.eval(), (x,))
+        ep = torch.export.export(exportable(model.eval()), (x,))
         mod = from_exported_program(ep, keep_params_as_input=False)
     with target:
         mod = tvm.transform.Sequential(prepare_passes(target))(mod)

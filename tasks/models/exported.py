@@ -47,6 +47,10 @@ class ExportedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph(x)
 
+    def exportable(self) -> nn.Module:
+        """What the engines export: the graph itself (tasks.engines.base.exportable)."""
+        return self.graph
+
 
 def file_of(spec: str) -> Path:
     path = Path(spec).expanduser()

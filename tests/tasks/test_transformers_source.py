@@ -141,6 +141,25 @@ def test_exported_roundtrip(tmp_path):
         load_checkpoint(tmp_path / "m.pt")
 
 
+def test_an_exported_model_is_counted_and_compiled(tmp_path):
+    """A .pt2 has no Conv2d/Linear modules: MACs come from torch's FLOP counter, and the engines export the
+    graph itself (through the wrapper its attributes were out of reach of TVM and the ONNX exporter)."""
+    from compression_ops.metrics import count_macs
+    from tasks.devices import Device
+    from tasks.engines import get_engine
+    from tasks.engines.base import BuildJob
+
+    net, path = _export(tmp_path)
+    model, _ = load_base(ModelConfig(exported=str(path)), in_channels=1, num_classes=10)
+    assert count_macs(model, X[:1]) == 4 * 9 * 28 * 28 + 4 * 28 * 28 * 10  # the conv's and the linear's
+    host = Device(name="host", target={"kind": "llvm", "mcpu": "native"})
+    for engine in ("onnxruntime", "tvm"):
+        out = tmp_path / engine / get_engine(engine).artifact_path("compressed", "host")
+        meta = get_engine(engine).build(BuildJob(model=model.eval(), example=X[:1], device=host, out=out,
+                                                 root=tmp_path / engine, batch_sizes=(1, 2), pad_channels=False))
+        assert meta["max_abs_diff"] < 1e-4, engine
+
+
 def test_exported_errors(tmp_path):
     _, static = _export(tmp_path, dynamic=False)
     with pytest.raises(ModelLoadError, match=r"fixed batch of 2; .*dynamic_shapes"):
