@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compression_ops import attention as attn
+from compression_ops.base import exception_gist
 
 # The layers the report names (what a group's channels are counted by); norms and activations follow them.
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
@@ -29,11 +30,6 @@ def _out_width(m: nn.Module) -> int | None:
     return m.embed_dim if isinstance(m, nn.MultiheadAttention) else None
 
 
-def _gist(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg[:160]}{'...' if len(msg) > 160 else ''}"
-
-
 def output_problem(model: nn.Module, example: torch.Tensor, shape: Sequence[int]) -> str | None:
     """What is wrong with model(example) (raises, shape differs from `shape`, not finite), or None."""
     was_training = model.training
@@ -42,7 +38,7 @@ def output_problem(model: nn.Module, example: torch.Tensor, shape: Sequence[int]
         with torch.no_grad():
             out = model(example)
     except Exception as e:  # any failure of a pruned model is a finding, not a crash
-        return f"forward raises {_gist(e)}"
+        return f"forward raises {exception_gist(e)}"
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor):
@@ -129,7 +125,7 @@ class GroupPruner:
                 # memo maps each module and parameter to its copy; Torch-Pruning's op nodes stay as they are
                 self._prune(self.groups[i], lambda obj: memo.get(id(obj), obj), atts)
         except Exception as e:  # a handler Torch-Pruning cannot apply here
-            return f"pruning raises {_gist(e)}"
+            return f"pruning raises {exception_gist(e)}"
         return output_problem(replica, example, shape)
 
     def dry_run(self, example: torch.Tensor, shape: Sequence[int]) -> dict[int, str]:
