@@ -183,6 +183,19 @@ class FinetuneConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
+SEARCH_WORKERS_ENV = "SHRINKFLOW_SEARCH_WORKERS"
+
+
+def _env_count(name: str, default: int = 1) -> int:
+    """A whole number >= 1 from the environment (a deployment's default), or `default` when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"${name}={raw!r} is not a whole number of at least 1; unset it or give e.g. 2")
+    return int(raw)
+
+
 class SearchConfig(_Strict):
     """The Optuna search over the plan's ops (tasks/search). n_trials 0 applies the plan as written."""
 
@@ -205,7 +218,11 @@ class SearchConfig(_Strict):
         description="pin or narrow parameters: name: value (pinned), [low, high] (range), {choices: [...]}",
     )
     warm_start: bool = Field(True, description="enqueue the sensitivity-shaped plan and the previous run's best first")
-    workers: int = Field(1, ge=1, description="Airflow mapped worker tasks sharing the study (needs a server storage)")
+    workers: int = Field(
+        default_factory=lambda: _env_count(SEARCH_WORKERS_ENV), ge=1,
+        description="Airflow mapped worker tasks sharing the study (needs a server storage); default "
+        "$SHRINKFLOW_SEARCH_WORKERS (a deployment's number of workers) or 1",
+    )
     storage: str | None = Field(
         None, description="Optuna storage URL; default $SHRINKFLOW_OPTUNA_STORAGE or SQLite in the workspace"
     )

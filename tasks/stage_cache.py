@@ -14,6 +14,7 @@ only its chosen plan; register keeps the champion as it is.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -38,6 +39,27 @@ def is_forced(stage: str, force: Force) -> bool:
 
 def index_dir(root: Path, stage: str) -> Path:
     return root / "cache" / "stages" / stage
+
+
+def _index(root: Path, stage: str, name: str) -> Path:
+    """An index file; with an object store, the published one is fetched over the local copy first."""
+    from tasks.object_store import current
+
+    path = index_dir(root, stage) / name
+    if (store := current()) is not None:
+        data = store.get_bytes(f"cache/stages/{stage}/{name}")
+        if data is not None:
+            write_json(path, json.loads(data))
+    return path
+
+
+def _write_index(root: Path, stage: str, name: str, obj: dict[str, Any]) -> None:
+    from tasks.object_store import current
+
+    path = index_dir(root, stage) / name
+    write_json(path, obj)
+    if (store := current()) is not None:
+        store.put_bytes(f"cache/stages/{stage}/{name}", path.read_bytes())
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -76,7 +98,7 @@ def _intact(folder: Path, outputs: dict[str, Any] | None) -> bool:
 
 
 def _latest(root: Path, stage: str, pipeline: str) -> dict[str, Any] | None:
-    return _read(index_dir(root, stage) / f"latest-{pipeline}.json")
+    return _read(_index(root, stage, f"latest-{pipeline}.json"))
 
 
 def _source_name(src: RunPaths, paths: RunPaths) -> str:
@@ -94,9 +116,10 @@ def decide(stage: str, cfg: PipelineConfig, paths: RunPaths, state: dict[str, An
         return Decision("run", "forced", fp)
     if mine and mine.get("fingerprint") == fp.digest and _intact(paths.stage_dir(stage), mine.get("outputs")):
         return Decision("skip", "done earlier in this run; inputs, config and code unchanged", fp)
-    entry = None if fp.volatile else _read(index_dir(paths.root, stage) / f"{fp.digest}.json")
+    entry = None if fp.volatile else _read(_index(paths.root, stage, f"{fp.digest}.json"))
     for r in (entry or {}).get("runs", []):
         src = RunPaths(paths.root, r["pipeline"], r["run_id"])
+        src.pull(stage)  # with an object store: that run's output, if this worker lacks it
         if src.run_dir != paths.run_dir and _intact(src.stage_dir(stage), entry.get("outputs")):
             why = f"inputs, config and code unchanged since run {_source_name(src, paths)}"
             if stage == "register":
@@ -113,9 +136,7 @@ def record(stage: str, paths: RunPaths, fp: Fingerprint, outputs: dict[str, Any]
     """Add this run's output to the index under its fingerprint (newest first)."""
     if fp.volatile:
         return
-    d = index_dir(paths.root, stage)
-    path = d / f"{fp.digest}.json"
-    entry = _read(path) or {}
+    entry = _read(_index(paths.root, stage, f"{fp.digest}.json")) or {}
     if entry.get("outputs", {}).get("digest") != outputs["digest"]:
         entry = {}  # the same inputs gave another output (timings, a re-run): this run's is the reference now
     me = {"pipeline": paths.pipeline, "run_id": paths.run_id}
@@ -123,8 +144,8 @@ def record(stage: str, paths: RunPaths, fp: Fingerprint, outputs: dict[str, Any]
     keep = {k: v for k, v in result.items() if k not in ("reused", "reused_from", "reason", "changed", "seconds")}
     new = {"stage": stage, "fingerprint": fp.digest, "parts": fp.parts, "outputs": outputs,
            "result": entry.get("result", keep), "runs": runs, "updated": time.time()}
-    write_json(path, new)
-    write_json(d / f"latest-{paths.pipeline}.json", {"fingerprint": fp.digest, "parts": fp.parts})
+    _write_index(paths.root, stage, f"{fp.digest}.json", new)
+    _write_index(paths.root, stage, f"latest-{paths.pipeline}.json", {"fingerprint": fp.digest, "parts": fp.parts})
 
 
 def _link_tree(src: Path, dest: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import StageError
-from tasks.stage_specs import STAGES
+from tasks.stage_specs import STAGES, spec
 
 __all__ = ["run_stage"]
 
@@ -48,6 +48,8 @@ def run_stage(
     cfg = load_pipeline(pipeline, config_path)
     paths = run_paths(pipeline, run_id, workspace)
     state = paths.read_state()
+    for name in (*spec(stage).upstream, stage):  # with an object store: what this worker lacks of the run
+        paths.pull(name)
     cfg = apply_overrides(cfg, state.get("overrides") or {})
     # TVM sizes its thread pool once per process, at its first kernel: use the benchmark's count.
     os.environ.setdefault("TVM_NUM_THREADS", str(cfg.benchmark.threads))
@@ -70,6 +72,7 @@ def run_stage(
             tr.tags({"shrinkflow.reused": "false", "shrinkflow.changed": decision.reason})
         result = {**result, "reused": False, "changed": decision.reason}
         outputs = manifest(paths.stage_dir(stage))
+    paths.publish(stage, outputs)  # before run.json names it: a reader never meets a stage not yet there
     result = {"stage": stage, "pipeline": pipeline, "run_id": paths.run_id, **result}
     result["seconds"] = round(time.time() - t0, 2)
     tr.metrics({"stage_seconds": result["seconds"]})

@@ -118,13 +118,45 @@ class RunPaths:
         return self.run_dir / "run.json"
 
     def read_state(self) -> dict[str, Any]:
+        """run.json; with an object store, the published one (the local copy is a cache of it)."""
+        from tasks.object_store import current
+
+        store = current()
+        if store is not None:
+            data = store.get_bytes(self._rel("run.json"))
+            if data is not None:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                write_json(self.state_file, json.loads(data))
         return read_json(self.state_file) if self.state_file.exists() else {}
 
     def update_state(self, **fields: Any) -> dict[str, Any]:
+        from tasks.object_store import current
+
         state = self.read_state()
         state.update(fields)
         write_json(self.state_file, state)
+        if (store := current()) is not None:
+            store.put_bytes(self._rel("run.json"), self.state_file.read_bytes())
         return state
+
+    # With an object store ($SHRINKFLOW_ARTIFACTS), folders of the run are published and pulled whole.
+    def _rel(self, name: str) -> str:
+        return f"runs/{self.pipeline}/{self.run_id}/{name}"
+
+    def pull(self, name: str) -> bool:
+        """Bring the run's published folder `name` (a stage, search_shared) here; False without a store
+        or when it is not published."""
+        from tasks.object_store import current
+
+        store = current()
+        return store is not None and store.pull(self._rel(name), self.run_dir / name, self.root / "cache" / "blobs")
+
+    def publish(self, name: str, manifest: dict[str, Any] | None = None) -> None:
+        """Publish the run's folder `name` to the object store (nothing without one)."""
+        from tasks.object_store import current
+
+        if (store := current()) is not None:
+            store.publish(self.run_dir / name, self._rel(name), manifest)
 
     # Shared, content-addressed places (not per run).
     @property

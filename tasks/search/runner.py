@@ -109,12 +109,14 @@ def load_or_scan_sensitivity(cfg: PipelineConfig, paths: RunPaths, model, splits
         say(f"sensitivity: not scanned ({why})")
         return None
     path = shared_dir(paths) / "sensitivity.json"
+    paths.pull(path.parent.name)  # another worker's scan, with an object-store workspace
     if path.is_file():
         return read_json(path)
     data = OpData(example=splits.example(1), batches=splits.batches("train", 64, train=True, seed=1), max_batches=8)
     sens = sensitivity_scan(cfg, model, splits, data)
     write_json(path, sens)
     plot_sensitivity(sens["scans"], path.with_suffix(".png"), title=f"{cfg.name}: layer sensitivity (no fine-tuning)")
+    paths.publish(path.parent.name)
     say(f"sensitivity: {sens['evaluations']} evaluations on {sens['val_images']} validation images in "
         f"{sens['seconds']:.0f} s ({why})")
     prune_scan = next((sc for sc in sens["scans"] if sc["kind"] == "channel_prune"), None)

@@ -81,10 +81,14 @@ def _no_search(ctx: StageContext, out: Path) -> dict[str, Any]:
 def _load(pipeline: str, run_id: str, config_path, workspace) -> tuple[PipelineConfig, RunPaths]:
     from tasks.config import load_pipeline
     from tasks.overrides import apply_overrides
+    from tasks.stage_specs import spec
     from tasks.workspace import run_paths
 
     paths = run_paths(pipeline, run_id, workspace)  # the run's overrides apply here as in run_stage
-    return apply_overrides(load_pipeline(pipeline, config_path), paths.read_state().get("overrides") or {}), paths
+    state = paths.read_state()
+    for name in spec("search").upstream:  # a worker with no shared disk pulls what the trials read
+        paths.pull(name)
+    return apply_overrides(load_pipeline(pipeline, config_path), state.get("overrides") or {}), paths
 
 
 def setup(pipeline: str, run_id: str, *, config_path=None, workspace=None) -> dict[str, Any]:
