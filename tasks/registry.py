@@ -59,9 +59,62 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
         return None
 
 
+LOCK_DB_ENV = "SHRINKFLOW_LOCK_DB"
+LOCK_TIMEOUT_S = 600
+
+
 @contextlib.contextmanager
-def registry_lock(root: Path, name: str) -> Iterator[None]:
-    """Serialise champion decisions for one registered model on this machine (a file lock in the workspace)."""
+def registry_lock(root: Path, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Serialise champion decisions for one registered model.
+
+    With $SHRINKFLOW_LOCK_DB (a PostgreSQL URL; the scale-out deployments set it): an advisory lock,
+    which holds across machines and is released by the server if the holder dies. Otherwise a file
+    lock in the workspace (one machine, or workers on one shared POSIX volume).
+    """
+    url = os.environ.get(LOCK_DB_ENV, "").strip()
+    if url:
+        with _advisory_lock(url, name, timeout_s):
+            yield
+        return
+    with _file_lock(root, name):
+        yield
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit key for pg_advisory_lock."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"shrinkflow-registry:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str, name: str, timeout_s: float) -> Iterator[None]:
+    import sqlalchemy as sa
+
+    from tasks.services import check_database, redact
+
+    fix = f"Start PostgreSQL, fix ${LOCK_DB_ENV}, or unset it to lock in the workspace (one machine)"
+    check_database(url, f"champion lock database (${LOCK_DB_ENV})", fix)  # dead: an error in seconds
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 10})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f"SET lock_timeout = '{int(timeout_s * 1000)}ms'"))
+            try:
+                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _lock_key(name)})
+            except sa.exc.OperationalError as e:
+                raise RegistryError(
+                    f"the champion lock for {name} ({redact(url)}) was not free after {timeout_s:.0f} s: "
+                    "another run's register stage holds it; retry when it is done") from e
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(name)})
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _file_lock(root: Path, name: str) -> Iterator[None]:
     lock_dir = Path(root) / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     with open(lock_dir / f"{name}.lock", "w") as f:

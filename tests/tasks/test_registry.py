@@ -133,11 +133,30 @@ def test_empty_workspace(workspace, capsys, empty_db):
     assert "registered pipelines: none" in capsys.readouterr().err
 
 
-def test_the_registry_lock_serialises_two_holders(tmp_path):
-    """A second register waits for the first one's decision (here: a thread holding the lock)."""
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+def _postgres_up() -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("where", ["file", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_registry_lock_serialises_two_holders(tmp_path, monkeypatch, where):
+    """A second register waits for the first one's decision (here: a thread holding the lock): a file
+    lock in the workspace, or with $SHRINKFLOW_LOCK_DB a PostgreSQL advisory lock (across machines)."""
     import threading
     import time
 
+    if where == "postgres":
+        if not _postgres_up():
+            pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
+        monkeypatch.setenv(registry.LOCK_DB_ENV, PG_URL)
     order: list[str] = []
     held = threading.Event()
 
@@ -156,3 +175,35 @@ def test_the_registry_lock_serialises_two_holders(tmp_path):
     assert order == ["first done", "second in"]
     with registry.registry_lock(tmp_path, "shrinkflow-other"):  # another model is not held up
         pass
+
+
+@pytest.mark.postgres
+def test_an_advisory_lock_held_too_long_and_a_dead_lock_db_are_clear_errors(tmp_path, monkeypatch):
+    import threading
+
+    if not _postgres_up():
+        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
+    monkeypatch.setenv(registry.LOCK_DB_ENV, PG_URL)
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with registry.registry_lock(tmp_path, NAME):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+    try:
+        with pytest.raises(registry.RegistryError, match="was not free after 1 s"):
+            with registry.registry_lock(tmp_path, NAME, timeout_s=1):
+                pass
+    finally:
+        release.set()
+        t.join()
+    monkeypatch.setenv(registry.LOCK_DB_ENV, "postgresql+psycopg2://postgres@127.0.0.1:9/none")
+    from tasks.errors import ServiceError
+
+    with pytest.raises(ServiceError, match="champion lock database.*unreachable"):
+        with registry.registry_lock(tmp_path, NAME):
+            pass
