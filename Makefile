@@ -7,7 +7,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # The CPU wheel of torch lies here on our machines; elsewhere pip takes torch==2.13.0 from the index.
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install data demo test lint up dvc-repro clean
+.PHONY: install data demo test lint up dvc-repro clean cluster-up cluster-down cluster-test cluster-faults
 
 $(BIN)/shrinkflow: pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "Python 3.11 is needed (set PY=/path/to/python3.11)"; exit 1; }
@@ -32,8 +32,25 @@ data:
 demo: install data arm-device
 	$(BIN)/shrinkflow run fashion_resnet
 
+# `make test` starts and stops a small cluster of its own (tests/cluster/test_cluster_smoke.py); the
+# tests below need the long-running one (cluster-test) or take ~10 min (cluster-faults).
 test: install data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not cluster and not cluster_faults"
+
+# The scale-out topology (README "Scaling out"): `infra/local-cluster.sh up`, then `make cluster-test`.
+cluster-up: install
+	infra/local-cluster.sh up
+
+cluster-down:
+	infra/local-cluster.sh down
+
+cluster-test: install data
+	$(BIN)/python -m pytest -q -m cluster tests/cluster
+
+# Faults (a worker killed mid-trial, MLflow down for 30 s, concurrent runs): a cluster of their own, so
+# run them with no cluster up.
+cluster-faults: install data
+	$(BIN)/python -m pytest -q -m cluster_faults tests/cluster
 
 lint: install
 	$(BIN)/ruff check .

@@ -3,6 +3,7 @@
 #   infra/local-cluster.sh up [--workers N] [--pipelines FILE]   a fresh cluster, healthy when it returns
 #   infra/local-cluster.sh status                                each component; exit 1 unless all healthy
 #   infra/local-cluster.sh env                                   export lines to use it from a shell
+#   infra/local-cluster.sh stop|restart COMPONENT                e.g. mlflow, worker-1 (fault drills)
 #   infra/local-cluster.sh down                                  stop every process it started
 # Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379, and `make install`.
 set -euo pipefail

@@ -186,6 +186,15 @@ def _buckets(env: dict[str, str]) -> list[str]:
     return sorted({v.removeprefix("s3://").split("/", 1)[0] for v in env.values() if v.startswith("s3://")})
 
 
+def _spawn(log: Path, cmd: list[str], env: dict[str, str], cwd: Path) -> int:
+    """Start a detached component: its own session, stdin closed, output appended to `log`; its pid."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc.pid
+
+
 class _Starter:
     """Starts components detached (own session, the token in their environment), logging to files."""
 
@@ -194,13 +203,11 @@ class _Starter:
         self.logs = sd / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pids: dict[str, int] = {}
+        self.commands: dict[str, dict[str, Any]] = {}  # how each was started: `restart` starts it again
 
     def start(self, name: str, cmd: list[str], extra: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> None:
-        cwd.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / f"{name}.log", "ab") as out:
-            proc = subprocess.Popen(cmd, env={**self.env, **(extra or {})}, cwd=cwd, stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        self.pids[name] = proc.pid
+        self.commands[name] = {"cmd": cmd, "extra": extra or {}, "cwd": str(cwd)}
+        self.pids[name] = _spawn(self.logs / f"{name}.log", cmd, {**self.env, **(extra or {})}, cwd)
 
     def run(self, name: str, cmd: list[str], timeout: float) -> None:
         with open(self.logs / f"{name}.log", "ab") as out:
@@ -242,9 +249,10 @@ def up(workers: int = 2, timeout: float = 600.0, pipelines: str | os.PathLike | 
     sd.mkdir(parents=True, exist_ok=True)
     pipelines_file = pipelines_path(pipelines).resolve()
     env = cluster_environment(sd, pipelines_file)
+    env["SHRINKFLOW_SEARCH_WORKERS"] = str(workers)  # the DAGs fan the search out to every worker
     token = uuid.uuid4().hex
     starter = _Starter(sd, env, token)
-    state = {"token": token, "pids": starter.pids, "ports": PORTS, "workers": worker_names(workers),
+    state = {"token": token, "pids": starter.pids, "commands": starter.commands, "ports": PORTS, "workers": worker_names(workers),
              "pipelines": str(pipelines_file), "state_dir": str(sd), "started": time.time(),
              "api_url": local_addresses()["api"], "mlflow_url": env["MLFLOW_TRACKING_URI"],
              "s3_url": env["AWS_ENDPOINT_URL"], "artifacts": env["SHRINKFLOW_ARTIFACTS"]}
@@ -317,9 +325,9 @@ def health(state: dict[str, Any]) -> dict[str, str]:
     for name in state["workers"]:
         if out.get(name) == "running":
             log = sd / "logs" / f"{name}.log"
-            ready = log.is_file() and f"{name}@" in log.read_text(errors="replace") and " ready." in log.read_text(
-                errors="replace")
-            out[name] = "healthy" if ready else "starting"
+            text = log.read_bytes()[state.get("log_offsets", {}).get(name, 0):].decode(errors="replace") \
+                if log.is_file() else ""
+            out[name] = "healthy" if f"{name}@" in text and " ready." in text else "starting"  # Celery's banner
     return out
 
 
@@ -365,6 +373,39 @@ def kill(state: dict[str, Any], component: str, sig: signal.Signals = signal.SIG
     return pids
 
 
+def stop_component(state: dict[str, Any], component: str, grace: float = 15.0) -> None:
+    """Stop one component (SIGTERM, SIGKILL after `grace`), e.g. to take the MLflow server away for a while."""
+    kill(state, component, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while processes(state, component) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    kill(state, component, signal.SIGKILL)
+
+
+def restart(state: dict[str, Any], component: str, timeout: float = 300.0) -> None:
+    """Start a stopped (or killed) component again as `up` started it, and wait until it is healthy."""
+    if processes(state, component):
+        raise ClusterError(f"{component} is still running; stop it first")
+    sd = Path(state["state_dir"])
+    how = state.get("commands", {}).get(component)
+    if how is None:
+        raise ClusterError(f"the cluster's state does not say how {component} was started (an older "
+                           "local-cluster.sh started it): `infra/local-cluster.sh down`, then `up`")
+    env = {**cluster_environment(sd, Path(state["pipelines"])), TOKEN_VAR: state["token"],
+           "SHRINKFLOW_SEARCH_WORKERS": str(len(state["workers"])), **how["extra"]}
+    if component in state["workers"]:
+        env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(_free_port())
+    log = sd / "logs" / f"{component}.log"
+    state.setdefault("log_offsets", {})[component] = log.stat().st_size if log.is_file() else 0  # health reads on
+    state["pids"][component] = _spawn(log, how["cmd"], env, Path(how["cwd"]))
+    _state_file(sd).write_text(json.dumps(state, indent=2))
+    deadline = time.monotonic() + timeout
+    while (h := health(state)[component]) != "healthy":
+        if h == "stopped" or time.monotonic() > deadline:
+            raise ClusterError(f"{component} did not come back ({h}); see {sd / 'logs' / f'{component}.log'}")
+        time.sleep(1)
+
+
 def down(grace: float = 20.0) -> list[int]:
     """Stop every process of the cluster (SIGTERM, SIGKILL after `grace`); the pids that needed SIGKILL."""
     sd = state_dir()
@@ -398,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop every process of the cluster")
     sub.add_parser("status", help="each component's state; exit 1 unless all are healthy")
     sub.add_parser("env", help="print the cluster's environment as export lines (for a shell or a test)")
+    for verb in ("stop", "restart"):
+        sub.add_parser(verb, help=f"{verb} one component (e.g. mlflow, worker-1)").add_argument("component")
     args = p.parse_args(argv)
     try:
         if args.cmd == "up":
@@ -417,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
             env = cluster_environment(Path(st["state_dir"]), Path(st["pipelines"]))
             keys = [*read_cluster_env(), *S3_CREDENTIALS, "SHRINKFLOW_PIPELINES", "AIRFLOW_HOME"]
             print("\n".join(f"export {k}='{env[k]}'" for k in keys))
+            return 0
+        if args.cmd in ("stop", "restart"):
+            if args.component not in st["pids"]:
+                raise ClusterError(f"no component {args.component!r}; components: {', '.join(st['pids'])}")
+            stop_component(st, args.component) if args.cmd == "stop" else restart(st, args.component)
+            print(f"{args.component}: {'stopped' if args.cmd == 'stop' else 'healthy'}")
             return 0
         h = health(st)
         for name, s in h.items():
