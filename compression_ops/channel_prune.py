@@ -87,6 +87,9 @@ class ChannelPrune(OpConfig):
     target_latency_reduction: if set, solve the uniform ratio so PyTorch eager latency at the example's
         batch size falls by this factor, measured here (median of latency_repeat runs); noisy, so the
         report gives the factor measured on the result. At most one target may be set.
+    reconstruct: after the cut, re-fit each layer whose inputs lost channels so its outputs on calibration
+        batches match the unpruned layer's (compression_ops.reconstruct); None: whenever OpData has batches.
+    reconstruct_batches: calibration batches for it.
     layer_scale: per-layer multipliers of the (solved) ratio: layer n loses ratio * layer_scale[n] of its
         channels (capped so one channel stays). With a target this shapes the cut: the search samples the
         shape, the bisection finds the scale that meets the target.
@@ -102,6 +105,8 @@ class ChannelPrune(OpConfig):
     latency_repeat: int = 20
     round_to: int | None = None
     ignore: list[str] = dataclasses.field(default_factory=list)
+    reconstruct: bool | None = None
+    reconstruct_batches: int = 8
 
     def validate(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, hi_open=True)
@@ -122,6 +127,7 @@ class ChannelPrune(OpConfig):
                     "target_macs_reduction and target_latency_reduction are both set: keep one of them"
                 )
         check_range("latency_repeat", self.latency_repeat, 3, 10_000)
+        check_range("reconstruct_batches", self.reconstruct_batches, 1, 10_000)
         if self.round_to is not None:
             check_range("round_to", self.round_to, 1, 1024)
 
@@ -228,6 +234,8 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
     skipped.update({n: "named in the config's ignore list" for n in cfg.ignore})
     skipped.update({n: "heads left unpruned: a single head, and one is always kept" for n in single})
     extra.update(applied=applied, skipped=skipped)
+    # Which channels went, per group root: replayed by the reconstruction, and the cut's record.
+    extra["pruning_history"] = [[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in pruner.pruning_history()]
     if atts:
         extra.update(heads_before=heads0, heads_after=sum(a.heads for a in atts))
     problem = prune_plan.output_problem(model, data.example, shape)
@@ -351,11 +359,39 @@ def channel_prune(model: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult
         "params_after": params1,
         **extra,
     }
+    if cfg.reconstruct or (cfg.reconstruct is None and data.batches):
+        report["reconstruction"] = _reconstruct(base, model, report["pruning_history"], data, cfg)
     if cfg.target_latency_reduction is not None:
         # 3x the repeats of a bisection probe: this is the figure the report stands on.
         lat, ms0, ms1 = latency_reduction(base, model, data.example, repeat=3 * cfg.latency_repeat)
         report.update({"latency_reduction": lat, "latency_before_ms": ms0, "latency_after_ms": ms1})
     return OpResult(model, report)
+
+
+def _reconstruct(base: nn.Module, model: nn.Module, history: list, data: OpData, cfg: ChannelPrune) -> dict[str, Any]:
+    """Re-fit the layers whose inputs lost channels (compression_ops.reconstruct); the report's summary."""
+    from compression_ops.base import exception_gist
+    from compression_ops.reconstruct import kept_channels, reconstruct
+
+    images = [b[0] if isinstance(b, tuple | list) else b for b in list(data.batches or [])[: cfg.reconstruct_batches]]
+    if not images:
+        if cfg.reconstruct:
+            raise OpConfigError("reconstruct=True needs calibration batches: pass OpData(example=..., batches=...)")
+        return {"skipped": "no calibration batches"}
+    try:
+        kept = kept_channels(base, history, data.example)
+        rec = reconstruct(base, model, kept, images)
+    except Exception as e:  # a graph the replay cannot follow: the cut stands as it is, and the report says why
+        return {"skipped": f"the pruning history could not be replayed: {exception_gist(e)}"}
+    rows = rec["layers"]
+    refit = [r for r in rows.values() if r["refit"]]
+    return {
+        "images": rec["images"],
+        "layers_refit": len(refit),
+        "error_before_mean": sum(r["error_before"] for r in rows.values()) / max(len(rows), 1),
+        "error_after_mean": sum(r["error_after"] for r in rows.values()) / max(len(rows), 1),
+        "layers": rows,
+    }
 
 
 def prune_groups(model: nn.Module, example: torch.Tensor) -> list[list[str]]:

@@ -40,7 +40,10 @@ class ClusterApi:
                 self.call("GET", f"/api/v2/dags/{dag_id}")
                 break
             except AssertionError as e:
-                assert time.monotonic() < deadline, f"{dag_id} not parsed in {timeout:.0f} s ({e})"
+                if time.monotonic() > deadline:
+                    errors = self.call("GET", "/api/v2/importErrors").get("import_errors", [])
+                    raise AssertionError(f"{dag_id} not parsed in {timeout:.0f} s ({e}); import errors: "
+                                         f"{[x.get('stack_trace', '')[-1500:] for x in errors]}") from None
                 time.sleep(2)
         self.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
 
