@@ -74,7 +74,16 @@ def check_pipeline(
         ws = project_workspace(workspace, config_path)
         ok(_check_study_storage(cfg, ws))
         ok(_check_tracking(ws))
+        ok(_check_artifacts(ws))
     return lines
+
+
+def _check_artifacts(ws: Path) -> str:
+    """With $SHRINKFLOW_ARTIFACTS, the object store takes a write and gives it back within seconds."""
+    from tasks import object_store
+
+    store = object_store.current()
+    return store.check() if store is not None else f"workspace: local folders in {ws}"
 
 
 def _where(cfg: PipelineConfig) -> str:

@@ -208,6 +208,22 @@ def test_unreachable_mlflow_server_fails_fast_before_training(tmp_path, workspac
     assert_nothing_ran(workspace)
 
 
+def test_an_unusable_object_store_fails_fast_before_training(tmp_path, workspace, monkeypatch, s3_bucket):
+    cfg = write_pipeline(tmp_path)
+    monkeypatch.setenv("SHRINKFLOW_ARTIFACTS", "s3://no-such-bucket/ws")
+    with pytest.raises(ConfigError, match="bucket 'no-such-bucket' does not exist. Create it"):
+        check_pipeline("p", cfg)
+    monkeypatch.setenv("SHRINKFLOW_ARTIFACTS", f"s3://{s3_bucket}/ws")
+    assert any(line.startswith(f"object store s3://{s3_bucket}/ws: writable") for line in check_pipeline("p", cfg))
+    env = _env(workspace, SHRINKFLOW_ARTIFACTS="s3://ws/x", AWS_ENDPOINT_URL="http://127.0.0.1:9",
+               AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
+    proc = _shrinkflow(["--config", str(cfg), "run", "p", "--no-airflow", "--run-id", "r1"], env, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "object store s3://ws/x" in proc.stderr and "AWS_ENDPOINT_URL" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert_nothing_ran(workspace)
+
+
 @pytest.fixture
 def silent_server():
     """A TCP port that accepts connections and never answers (a hung server)."""
