@@ -71,35 +71,67 @@ def _targets(original: nn.Module, pruned: nn.Module) -> list[str]:
     return names
 
 
+class _Captured(Exception):
+    """Raised by the capture hook: the rest of the forward pass is not needed."""
+
+
 def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, want: str) -> torch.Tensor:
-    """The input (want='in') or output (want='out') of `layer` when `model` runs on x."""
+    """The input (want='in') or output (want='out') of `layer` when `model` runs on x (the forward pass
+    stops there)."""
     box: dict[str, torch.Tensor] = {}
 
     def hook(_m, inputs, output):
         box["v"] = (inputs[0] if want == "in" else output).detach()
+        raise _Captured
 
     h = layer.register_forward_hook(hook)
     try:
         model(x)
+    except _Captured:
+        pass
     finally:
         h.remove()
     return box["v"]
 
 
-def _design(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, positions: int, gen: torch.Generator):
-    """Rows of (inputs, targets) for the layer's least squares: conv patches at sampled output positions."""
+def _rows_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's least-squares inputs, one row per output position: unfolded conv patches, or features."""
     if isinstance(layer, nn.Linear):
-        a, b = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    else:
-        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-        a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (batch * positions, in * kh * kw)
-        b = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
-    if a.shape[0] > positions:
-        pick = torch.randperm(a.shape[0], generator=gen)[:positions]
-        a, b = a[pick], b[pick]
-    if layer.bias is not None:
-        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
-    return a.double(), b.double()
+        return x.reshape(-1, x.shape[-1])
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (batch * positions, in * kh * kw)
+
+
+def _rows_out(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+
+
+def _original_targets(original: nn.Module, layers: dict[str, nn.Module], keep: dict[str, torch.Tensor],
+                      xs: list[torch.Tensor], positions: int, gen: torch.Generator) -> dict[tuple[str, int], tuple]:
+    """One pass of the original per batch: for every layer to re-fit, the sampled output positions and the
+    unpruned outputs there (at the kept channels). (name, batch) -> (positions, targets)."""
+    out: dict[tuple[str, int], tuple] = {}
+    current = {"i": 0}
+
+    def hook_for(name: str):
+        def hook(_m, _inputs, output):
+            rows = _rows_out(layers[name], output.detach()).index_select(1, keep[name])
+            pick = torch.randperm(rows.shape[0], generator=gen)[:positions] if rows.shape[0] > positions else None
+            out[(name, current["i"])] = (pick, rows if pick is None else rows[pick])
+
+        return hook
+
+    handles = [layers[n].register_forward_hook(hook_for(n)) for n in layers]
+    try:
+        for i, x in enumerate(xs):
+            current["i"] = i
+            original(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
 
 
 @torch.no_grad()
@@ -123,23 +155,27 @@ def reconstruct(
     pruned.eval()
     gen = torch.Generator().manual_seed(seed)
     o_mods, p_mods = dict(original.named_modules()), dict(pruned.named_modules())
+    names = [n for n in _targets(original, pruned)
+             if (kept[n][0] if n in kept else torch.arange(p_mods[n].weight.shape[0])).numel() == p_mods[n].weight.shape[0]]
+    keep = {n: kept[n][0] if n in kept else torch.arange(p_mods[n].weight.shape[0]) for n in names}
     report: dict[str, dict[str, float]] = {}
     try:
-        for name in _targets(original, pruned):
-            layer, ref = p_mods[name], o_mods[name]
-            keep_out = kept[name][0] if name in kept else torch.arange(layer.weight.shape[0])
-            if keep_out.numel() != layer.weight.shape[0]:
-                continue  # the history does not describe this layer as it is: leave it
+        targets = _original_targets(original, {n: o_mods[n] for n in names}, keep, xs, positions_per_batch, gen)
+        for name in names:  # forward order: each layer sees the inputs the layers before it now give
+            layer = p_mods[name]
             w0 = layer.weight.reshape(layer.weight.shape[0], -1).t().double()  # (in*k*k, out)
             if layer.bias is not None:
                 w0 = torch.cat([w0, layer.bias.double()[None]], 0)
             gram = torch.zeros(w0.shape[0], w0.shape[0], dtype=torch.float64)
             cross = torch.zeros_like(w0)
             err0 = norm = 0.0
-            for x in xs:
-                inp = _capture(pruned, layer, x, "in")
-                target = _capture(original, ref, x, "out").index_select(1 if target_dim(ref) else -1, keep_out)
-                a, b = _design(layer, inp, target, positions_per_batch, gen)
+            for i, x in enumerate(xs):
+                pick, b = targets[(name, i)]
+                a = _rows_in(layer, _capture(pruned, layer, x, "in"))
+                a = a if pick is None else a[pick]
+                if layer.bias is not None:
+                    a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+                a, b = a.double(), b.double()
                 gram += a.t() @ a
                 cross += a.t() @ b
                 err0 += float(((a @ w0 - b) ** 2).sum())
@@ -162,8 +198,3 @@ def reconstruct(
         original.train(was[0])
         pruned.train(was[1])
     return {"layers": report, "images": sum(int(x.shape[0]) for x in xs)}
-
-
-def target_dim(layer: nn.Module) -> bool:
-    """True when the layer's output channels are dim 1 (conv), False when last (linear)."""
-    return isinstance(layer, nn.Conv2d)
