@@ -44,37 +44,42 @@ def pipelines_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return p
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    """Until something listens on 127.0.0.1:port; the test fails if `proc` exits or time runs out."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                pytest.fail(f"{what} did not start within {timeout:.0f} s")
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def rpc_server():
     """A TVM RPC server of this machine's own architecture on a free loopback port (an RPC device that
     needs no emulator); its RPCConfig. Stopped after the module."""
     from tasks.devices import RPCConfig
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
                              "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("the TVM RPC server did not start within 60 s")
-                time.sleep(0.2)
+        _wait_listening(port, proc, "the TVM RPC server")
         yield RPCConfig(host="127.0.0.1", port=port, timeout_s=30)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -84,18 +89,9 @@ def s3_endpoint():
     moto = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("moto's S3 server did not start within 60 s")
-                time.sleep(0.2)
-        yield url
+        _wait_listening(port, proc, "moto's S3 server")
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)

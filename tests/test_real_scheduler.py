@@ -11,12 +11,10 @@ import json
 import os
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
+from airflow_rest import AirflowRest
 
 from tasks.airflow_services import Services, free_port, read_admin_password, start_services
 from tasks.stage_specs import STAGES
@@ -46,27 +44,14 @@ PIPELINES = textwrap.dedent(
 pytestmark = pytest.mark.slow
 
 
-class Api:
-    """The Airflow REST API as an operator's client uses it: a JWT from /auth/token, then /api/v2."""
+class Api(AirflowRest):
+    """The Airflow REST API of the started services."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
         password = read_admin_password(services)
         assert password, f"no admin password was generated:\n{services.logs_tail()}"
-        self.token = self.call("POST", "/auth/token", {"username": "admin", "password": password},
-                               auth=False)["access_token"]
-
-    def call(self, method: str, path: str, body: dict | None = None, *, auth: bool = True) -> Any:
-        req = urllib.request.Request(f"{self.services.api_url}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        if auth:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return json.load(r)
-        except urllib.error.HTTPError as e:
-            raise AssertionError(f"{method} {path}: HTTP {e.code} {e.read()[:2000]!r}") from None
+        super().__init__(services.api_url, password)
 
     def wait_for_dag(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

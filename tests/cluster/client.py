@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared REST client
 
-class ClusterApi:
-    """Airflow's REST API with a JWT from /auth/token (the simple auth manager's generated admin password)."""
+from airflow_rest import AirflowRest  # noqa: E402
+
+
+class ClusterApi(AirflowRest):
+    """Airflow's REST API of a local cluster (the simple auth manager's generated admin password)."""
 
     def __init__(self, state: dict[str, Any]) -> None:
         self.state = state
-        self.url = state["api_url"]
         home = Path(state["state_dir"]) / "airflow"
         password = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
-        self.token = self.call("POST", "/auth/token", {"username": "admin", "password": password},
-                               auth=False)["access_token"]
-
-    def call(self, method: str, path: str, body: dict | None = None, *, auth: bool = True) -> Any:
-        req = urllib.request.Request(f"{self.url}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        if auth:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return json.load(r)
-        except urllib.error.HTTPError as e:
-            raise AssertionError(f"{method} {path}: HTTP {e.code} {e.read()[:2000]!r}") from None
+        super().__init__(state["api_url"], password)
 
     def wait_for_dag(self, dag_id: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout

@@ -4,7 +4,6 @@ tests start themselves on a pipelines file of their own (and stop, checking that
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -16,13 +15,7 @@ from client import ClusterApi  # noqa: E402
 
 from tasks import cluster  # noqa: E402
 
-
-def _taken(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+_taken = cluster._port_open
 
 
 def _services_up() -> str | None:
