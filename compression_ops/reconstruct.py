@@ -75,13 +75,12 @@ class _Captured(Exception):
     """Raised by the capture hook: the rest of the forward pass is not needed."""
 
 
-def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, want: str) -> torch.Tensor:
-    """The input (want='in') or output (want='out') of `layer` when `model` runs on x (the forward pass
-    stops there)."""
+def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of `layer` when `model` runs on x (the forward pass stops there)."""
     box: dict[str, torch.Tensor] = {}
 
-    def hook(_m, inputs, output):
-        box["v"] = (inputs[0] if want == "in" else output).detach()
+    def hook(_m, inputs, _output):
+        box["v"] = inputs[0].detach()
         raise _Captured
 
     h = layer.register_forward_hook(hook)
@@ -171,7 +170,7 @@ def reconstruct(
             err0 = norm = 0.0
             for i, x in enumerate(xs):
                 pick, b = targets[(name, i)]
-                a = _rows_in(layer, _capture(pruned, layer, x, "in"))
+                a = _rows_in(layer, _capture(pruned, layer, x))
                 a = a if pick is None else a[pick]
                 if layer.bias is not None:
                     a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)

@@ -31,8 +31,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tasks.airflow_services import TOKEN_VAR, _signal_all, find_processes
+from tasks.airflow_services import _HEALTH_KEYS, TOKEN_VAR, _signal_all, _stat, find_processes, free_port
 from tasks.errors import ConfigError, ServiceError, ShrinkflowError
+from tasks.object_store import worker_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_ENV = REPO_ROOT / "infra" / "cluster.env"
@@ -50,10 +51,9 @@ class ClusterError(ShrinkflowError):
     """The local cluster did not start, or is not in the state a command needs."""
 
 
-def worker_hostname() -> str:
-    """Airflow's [core] hostname_callable: the worker's name ($SHRINKFLOW_WORKER_NAME), else the host name,
-    so each task instance records the worker that ran it."""
-    return os.environ.get("SHRINKFLOW_WORKER_NAME") or socket.getfqdn()
+# Airflow's [core] hostname_callable (infra/cluster.env): the worker's name ($SHRINKFLOW_WORKER_NAME), else
+# the host name, so each task instance records the worker that ran it; the same name signs published folders.
+worker_hostname = worker_name
 
 
 def read_cluster_env(path: Path = CLUSTER_ENV) -> dict[str, str]:
@@ -127,19 +127,13 @@ def cluster_environment(sd: Path, pipelines: Path, ports: dict[str, int] = PORTS
         "AIRFLOW__API__PORT": str(ports["api"]),
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__CORE__PARALLELISM": "8",
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "SHRINKFLOW_PIPELINES": str(pipelines),
         "SHRINKFLOW_HOME": str(sd / "control" / "workspace"),  # the api-server's and scheduler's (parsing only)
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     })
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -278,7 +272,7 @@ def up(workers: int = 2, timeout: float = 600.0, pipelines: str | os.PathLike | 
             starter.start(name, [_bin("airflow"), "celery", "worker", "--celery-hostname", f"{name}@%h",
                                  "--concurrency", "1"],
                           extra={"SHRINKFLOW_WORKER_NAME": name, "SHRINKFLOW_HOME": str(sd / name / "workspace"),
-                                 "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+                                 "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
                                  "OMP_NUM_THREADS": threads, "TVM_NUM_THREADS": threads},
                           cwd=sd / name)
         _state_file(sd).write_text(json.dumps(state, indent=2))
@@ -308,7 +302,7 @@ def health(state: dict[str, Any]) -> dict[str, str]:
             body = json.load(r)
         if out.get("api-server") == "running":
             out["api-server"] = "healthy"
-        for name, key in {"scheduler": "scheduler", "dag-processor": "dag_processor", "triggerer": "triggerer"}.items():
+        for name, key in _HEALTH_KEYS.items():
             if out.get(name) == "running":
                 out[name] = (body.get(key) or {}).get("status") or "no heartbeat yet"
     except (OSError, ValueError):
@@ -347,11 +341,8 @@ def _wait_healthy(state: dict[str, Any], starter: _Starter, timeout: float) -> N
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
 
 
 def _alive(state: dict[str, Any]) -> bool:
@@ -394,7 +385,7 @@ def restart(state: dict[str, Any], component: str, timeout: float = 300.0) -> No
     env = {**cluster_environment(sd, Path(state["pipelines"])), TOKEN_VAR: state["token"],
            "SHRINKFLOW_SEARCH_WORKERS": str(len(state["workers"])), **how["extra"]}
     if component in state["workers"]:
-        env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(_free_port())
+        env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(free_port())
     log = sd / "logs" / f"{component}.log"
     state.setdefault("log_offsets", {})[component] = log.stat().st_size if log.is_file() else 0  # health reads on
     state["pids"][component] = _spawn(log, how["cmd"], env, Path(how["cwd"]))

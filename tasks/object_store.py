@@ -128,14 +128,10 @@ class ObjectStore:
         probe = f"tmp/check-{uuid.uuid4().hex}"
         bucket = self.base.split("/", 1)[0]
         try:
-            self.put_bytes(probe, b"ok")
-        except ServiceError:
-            raise
+            self.put_bytes(probe, b"ok")  # ServiceError / ConfigError (refused) pass through as they are
         except FileNotFoundError:
             raise ConfigError(f"object store {self.url}: bucket {bucket!r} does not exist. Create it (e.g. "
                               f"`aws s3 mb s3://{bucket}`), or fix ${ENV}") from None
-        except ConfigError:
-            raise
         if self.get_bytes(probe) != b"ok":
             raise ServiceError(f"object store {self.url}: an object written was not read back. {_fix(self.url)}")
         with contextlib.suppress(Exception):
