@@ -28,7 +28,7 @@ COPY compression_ops/ compression_ops/
 COPY dags/ dags/
 COPY infra/ infra/
 # The `cluster` extra: what the scale-out topology adds (Airflow's Celery provider, S3 access).
-RUN pip install ".[cluster]"
+RUN pip install -c infra/constraints.txt ".[cluster]"
 
 # uid 50000 in group 0, as in Airflow's own image: the Helm chart runs every pod as 50000:0, and
 # group-writable folders also suit clusters that pick an arbitrary uid in group 0.

@@ -7,17 +7,29 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # The CPU wheel of torch lies here on our machines; elsewhere pip takes torch==2.13.0 from the index.
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install data demo test lint up dvc-repro clean cluster-up cluster-down cluster-test cluster-faults
+.PHONY: install lock data demo test lint up dvc-repro clean cluster-up cluster-down cluster-test cluster-faults
 
-$(BIN)/shrinkflow: pyproject.toml
+$(BIN)/shrinkflow: pyproject.toml infra/constraints.txt
 	@command -v $(PY) >/dev/null || { echo "Python 3.11 is needed (set PY=/path/to/python3.11)"; exit 1; }
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(PIP_FLAGS) --upgrade pip
 	$(BIN)/pip install -q $(PIP_FLAGS) "torch==2.13.0"
-	$(BIN)/pip install -q $(PIP_FLAGS) -e ".[dev]"
+	$(BIN)/pip install -q $(PIP_FLAGS) -c infra/constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(BIN)/shrinkflow
+
+# Re-pin infra/constraints.txt: resolve pyproject.toml's ranges afresh in a scratch venv, then freeze.
+# LOCK_HINTS narrows what pip would otherwise backtrack over for minutes (boto3 must accept the botocore
+# of the newest aiobotocore that s3fs takes); widen it when aiobotocore moves on.
+LOCK_HINTS ?= boto3>=1.43.115,<1.43.118
+lock:
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install -q $(PIP_FLAGS) --upgrade pip
+	.lock-venv/bin/pip install -q $(PIP_FLAGS) "torch==2.13.0"
+	.lock-venv/bin/pip install -q $(PIP_FLAGS) -e ".[dev]" $(foreach h,$(LOCK_HINTS),"$(h)")
+	{ sed -n '/^#/p' infra/constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > infra/constraints.txt.new
+	mv infra/constraints.txt.new infra/constraints.txt && rm -rf .lock-venv
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist: installed when we are root, else we say how.
 data:
