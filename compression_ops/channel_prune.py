@@ -92,6 +92,16 @@ class ChannelPrune(OpConfig):
         default: it keeps far more accuracy right after the cut, but after a 3-epoch KD fine-tune it was
         level at 5x and 4 pt behind at 9x (bench/cut.py), so it is not yet what the default plan uses.
     reconstruct_batches: calibration batches for it.
+    regularize: make the net ready to be cut first (compression_ops.regularize): "grow" (decay only the
+        channels the cut will remove, growing), "group_lasso" (group-norm proximal steps on every channel
+        group) or "bn_l1" (network slimming); None cuts the net as it is. Trains regularize_epochs
+        epochs over OpData.batches, distilling from the unpruned net, SGD at regularize_lr (cosine).
+    regularize_strength: for grow, how far the removed channels fade (their weights end x e^-strength);
+        for group_lasso / bn_l1 the penalty weight; None takes compression_ops.regularize.DEFAULT_STRENGTH.
+    global_ranking: rank channels across all layers at once (Torch-Pruning's global pruning) instead of
+        removing the same fraction from each: the ratio is then the fraction of all channels removed, and
+        a MACs or latency target is solved with the configured importance (which channels go now
+        changes the cost). max_layer_ratio caps what any one layer loses.
     layer_scale: per-layer multipliers of the (solved) ratio: layer n loses ratio * layer_scale[n] of its
         channels (capped so one channel stays). With a target this shapes the cut: the search samples the
         shape, the bisection finds the scale that meets the target.
@@ -109,6 +119,12 @@ class ChannelPrune(OpConfig):
     ignore: list[str] = dataclasses.field(default_factory=list)
     reconstruct: bool = False
     reconstruct_batches: int = 8
+    global_ranking: bool = False
+    max_layer_ratio: float = 0.9
+    regularize: str | None = None
+    regularize_epochs: int = 1
+    regularize_strength: float | None = None
+    regularize_lr: float = 0.01
 
     def validate(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, hi_open=True)
@@ -130,6 +146,18 @@ class ChannelPrune(OpConfig):
                 )
         check_range("latency_repeat", self.latency_repeat, 3, 10_000)
         check_range("reconstruct_batches", self.reconstruct_batches, 1, 10_000)
+        check_range("max_layer_ratio", self.max_layer_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.global_ranking and (self.per_layer or self.layer_scale):
+            raise OpConfigError("global_ranking ranks every layer together: drop per_layer / layer_scale, or turn it off")
+        if self.regularize is not None:
+            from compression_ops.regularize import METHODS
+
+            if self.regularize not in METHODS:
+                raise OpConfigError(f"regularize={self.regularize!r}: expected one of {', '.join(METHODS)} (or null)")
+            check_range("regularize_epochs", self.regularize_epochs, 1, 1000)
+            check_range("regularize_lr", self.regularize_lr, 0.0, 10.0, lo_open=True)
+            if self.regularize_strength is not None:
+                check_range("regularize_strength", self.regularize_strength, 0.0, 100.0, lo_open=True)
         if self.round_to is not None:
             check_range("round_to", self.round_to, 1, 1024)
 
@@ -167,13 +195,23 @@ def _ratio_cap(model: nn.Module, round_to: int | None, skip: list[nn.Module] = (
     return _layer_cap(min(widths, default=2), round_to)
 
 
-def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpData) -> dict[str, Any]:
-    """Prune `model` itself; returns the report's entries on what was pruned and skipped (and what the
-    importance criterion has to report, e.g. dcp's heads)."""
+@dataclasses.dataclass
+class _Planned:
+    """A Torch-Pruning pruner set up on a model (importance prepared), and what pruning it needs."""
+
+    pruner: Any
+    atts: list
+    outputs: list[nn.Module]
+    shape: tuple[int, ...]
+    single: list[str]
+    extra: dict[str, Any]
+
+
+def _plan(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpData) -> _Planned:
+    """Set up the pruner for `model` at `ratio` (nothing pruned yet)."""
     import torch_pruning as tp
 
     modules = dict(model.named_modules())
-    names = {m: n for n, m in modules.items()}
     unknown = [n for n in [*cfg.ignore, *(cfg.per_layer or {}), *(cfg.layer_scale or {})] if n not in modules]
     if unknown:
         raise OpConfigError(f"layer name(s) {unknown} not in the model; names look like {list(modules)[1:4]}")
@@ -214,6 +252,8 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
             pruning_ratio_dict=ratio_dict or None,
             ignored_layers=ignored + per_head,
             round_to=cfg.round_to,
+            global_pruning=cfg.global_ranking,
+            **({"max_pruning_ratio": cfg.max_layer_ratio} if cfg.global_ranking else {}),
             **heads_kw,
         )
     extra: dict[str, Any] = {}
@@ -227,8 +267,18 @@ def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpD
         for x, y in batches:
             F.cross_entropy(model(x), y).backward()
         model.train(was_training)
-    heads0 = sum(a.heads for a in atts)
     single = [a.name for a in atts if a.heads == 1]
+    return _Planned(pruner, atts, outputs, shape, single, extra)
+
+
+def _prune_in_place(model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpData) -> dict[str, Any]:
+    """Prune `model` itself; returns the report's entries on what was pruned and skipped (and what the
+    importance criterion has to report, e.g. dcp's heads)."""
+    planned = _plan(model, cfg, ratio, data)
+    pruner, atts, outputs, shape, single, extra = (
+        planned.pruner, planned.atts, planned.outputs, planned.shape, planned.single, planned.extra)
+    names = {m: n for n, m in model.named_modules()}
+    heads0 = sum(a.heads for a in atts)
     applied, skipped = prune_plan.GroupPruner(pruner, model, atts).prune(data.example, shape)
     model.zero_grad(set_to_none=True)
     attention.sync_torch_mha(model)
@@ -256,7 +306,8 @@ def _bisect_ratio(
     what: str,
 ) -> float:
     """Bisect the smallest uniform ratio whose pruned model has reduction_of(pruned) >= target."""
-    probe_cfg = dataclasses.replace(cfg, importance="l2")  # which channels go does not change the cost
+    # which channels go does not change the cost of a uniform cut; with global ranking it does
+    probe_cfg = cfg if cfg.global_ranking else dataclasses.replace(cfg, importance="l2")
     # Torch-Pruning skips a layer whose ratio would leave it no channel, which breaks the bisection's
     # monotonicity at high ratios: cap the ratio so the narrowest layer keeps one channel (one group of
     # round_to channels when rounding).
@@ -348,6 +399,7 @@ def channel_prune(model: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult
         ratio = solve_ratio(model, cfg, data, cfg.target_macs_reduction)
     elif cfg.target_latency_reduction is not None:
         ratio = solve_latency_ratio(model, cfg, data, cfg.target_latency_reduction)
+    regularized = _regularize(base, model, cfg, ratio, data) if cfg.regularize else None
     extra = _prune_in_place(model, cfg, ratio, data)
     macs1, params1 = count_macs(model, data.example), count_params(model)
     report = {
@@ -360,7 +412,11 @@ def channel_prune(model: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult
         "params_before": params0,
         "params_after": params1,
         **extra,
+        # training spent inside the op, in epochs over OpData.batches (budget accounting)
+        "train_epochs": cfg.regularize_epochs if cfg.regularize else 0,
     }
+    if regularized is not None:
+        report["regularization"] = regularized
     if cfg.reconstruct:
         report["reconstruction"] = _reconstruct(base, model, report["pruning_history"], data, cfg)
     if cfg.target_latency_reduction is not None:
@@ -368,6 +424,46 @@ def channel_prune(model: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult
         lat, ms0, ms1 = latency_reduction(base, model, data.example, repeat=3 * cfg.latency_repeat)
         report.update({"latency_reduction": lat, "latency_before_ms": ms0, "latency_after_ms": ms1})
     return OpResult(model, report)
+
+
+def _regularize(base: nn.Module, model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpData) -> dict[str, Any]:
+    """Train `model` (a copy of `base`) in place with cfg.regularize's sparsity-inducing regulariser,
+    distilling from `base`; the report's summary (channel-group norms before and after)."""
+    from compression_ops.distill import Distill
+    from compression_ops.finetune import TrainSpec, fit
+    from compression_ops.regularize import (
+        DEFAULT_STRENGTH,
+        Regularizer,
+        batchnorms,
+        group_norms,
+        plan_groups,
+        summary,
+    )
+
+    if data.batches is None:
+        raise OpConfigError(f"regularize={cfg.regularize!r} trains before the cut: pass OpData(example=..., batches=...)")
+    planned = _plan(model, cfg, ratio, data)
+    model.zero_grad(set_to_none=True)  # taylor's gradients, if any
+    groups = plan_groups(planned.pruner, model, all_channels=cfg.regularize == "group_lasso")
+    bns = batchnorms(model)
+    before = group_norms(groups)
+    bn_before = [bn.weight.detach().abs().clone() for bn in bns]
+    spec = TrainSpec(epochs=cfg.regularize_epochs, lr=cfg.regularize_lr, schedule="cosine")
+
+    def lr_at(step: int, total: int) -> float:  # the cosine schedule fit() follows
+        return 0.5 * spec.lr * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+    strength = cfg.regularize_strength if cfg.regularize_strength is not None else DEFAULT_STRENGTH[cfg.regularize]
+    hook = Regularizer(cfg.regularize, strength, groups, bns, lr_at)
+    teacher = copy.deepcopy(base).eval()  # apply() leaves its input untouched, memory format included
+    history = fit(model, data.batches, spec, teacher=teacher, distill=Distill(), hooks=[hook])
+    out = {"method": cfg.regularize, "strength": strength, "epochs": cfg.regularize_epochs,
+           "train_accuracy_last_epoch": history[-1]["train_accuracy"] if history else None}
+    if cfg.regularize == "bn_l1":
+        out.update(summary(bn_before, [bn.weight.detach().abs() for bn in bns]))
+    else:
+        out.update(summary(before, group_norms(groups)))
+    return out
 
 
 def _reconstruct(base: nn.Module, model: nn.Module, history: list, data: OpData, cfg: ChannelPrune) -> dict[str, Any]:

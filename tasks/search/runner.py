@@ -314,6 +314,7 @@ def trial_rows(s: Session) -> list[dict[str, Any]]:
             "feasible": _feasible(t),
             "constraints": t.user_attrs.get("constraints"),
             "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),
+            "train_images": t.user_attrs.get("train_images", 0),
             "error": t.user_attrs.get("error", ""),
             "params": t.params,
         })
@@ -370,6 +371,8 @@ def summarize(s: Session, out: Path) -> dict[str, Any]:
         "storage": s.url.split("@")[-1] if "@" in s.url else s.url,
         "space": [p.describe() for p in s.space.params.values()],
         "warm_starts": s.study.user_attrs.get(st.ATTR_WARM, []),
+        # what the search cost in training, for comparisons at equal budget (the finetune stage adds its own)
+        "budget": {"trials": len(rows), "train_images": sum(int(r["train_images"] or 0) for r in rows)},
     }
     write_json(out / "plan.json", plan_json)
     write_json(out / "choice.json", choice)

@@ -263,8 +263,13 @@ class TrialRunner:
         distill = next((p for p in plan if isinstance(p, Distill)), None)
         sc = self.cfg.search
         prunable = not self.space.multi_objective
+        # budget accounting: training images this trial went through, its ops' own training included
+        # (a pruned trial counts the epochs it ran); the search stage sums them over the study
+        seen = sum(int(r.get("train_epochs", 0)) for r in reports) * len(y)
+        trial.set_user_attr("train_images", seen)
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            trial.set_user_attr("train_images", seen + epoch * len(y))
             interruption_point()  # a Ctrl-C during this epoch stops the trial here
             if run is not None:
                 run.metrics({"val_accuracy_epoch": row["val_accuracy"], "train_loss": row["train_loss"]}, step=epoch)

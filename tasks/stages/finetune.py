@@ -80,6 +80,16 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
     met_speed = goal.speedup is None or achieved >= goal.speedup
     met_size = goal.size_mb is None or len(packed) / 1e6 <= goal.size_mb
     met_latency = goal.latency_ms is None or stats["latency_b1_ms"] <= goal.latency_ms
+    # budget accounting, in epochs over the training split: the search's trials, the structural ops'
+    # own training (channel_prune's regularize), this fine-tune
+    train_n = len(sp.tensors["train"][1])
+    search_images = int(chosen.get("budget", {}).get("train_images", 0))
+    budget = {
+        "budget_search_epochs": search_images / max(train_n, 1),
+        "budget_compress_epochs": float(sum(r.get("train_epochs", 0) for r in compressed)),
+        "budget_finetune_epochs": float(fc.epochs),
+    }
+    budget["budget_total_epochs"] = sum(budget.values())
     metrics = {
         "val_accuracy": val["accuracy"],
         "test_accuracy": test["accuracy"],
@@ -94,6 +104,7 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         "goal_speedup_met": bool(met_speed),
         "goal_size_met": bool(met_size),
         "goal_latency_met": bool(met_latency),
+        **budget,
         **stats,
     }
     if post:

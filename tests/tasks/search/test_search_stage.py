@@ -85,6 +85,11 @@ def test_search_chooses_a_plan_and_records_every_trial(tmp_path, workspace):
     assert {"pareto.png", "efficiency.png", "trials.csv", "sensitivity.json", "sensitivity.png"} <= {
         p.name for p in out.iterdir()}
     assert len((out / "trials.csv").read_text().splitlines()) == 6
+    # budget accounting: each trial's training images (full trials alike, pruned ones fewer), summed
+    full = {r["train_images"] for r in rows if r["state"] == "COMPLETE"}
+    assert len(full) == 1 and full.pop() > 0
+    assert all(0 < r["train_images"] for r in rows if r["state"] == "PRUNED")
+    assert choice["budget"] == {"trials": 5, "train_images": sum(r["train_images"] for r in rows)}
 
     # MLflow: pipeline run -> search run -> one run per trial, each with its plan
     (parent,) = _runs(workspace, "r1", "pipeline")
@@ -104,6 +109,12 @@ def test_search_chooses_a_plan_and_records_every_trial(tmp_path, workspace):
     run_stage("compress", "s", "r1", config_path=cfg)
     applied = plan_from_json(read_json(run_paths("s", "r1").stage_dir("compress") / "plan.json"))
     assert applied[0].layer_scale == plan[0].layer_scale
+    # the fine-tune stage sums the run's training: the search's trials, in epochs of the training split
+    run_stage("finetune", "s", "r1", config_path=cfg)
+    m = read_json(run_paths("s", "r1").stage_dir("finetune") / "metrics.json")
+    assert m["budget_finetune_epochs"] == 1 and m["budget_compress_epochs"] == 0
+    assert 0 < m["budget_search_epochs"] <= 5 * 2  # 5 trials of 2 epochs on a subset at most
+    assert m["budget_total_epochs"] == pytest.approx(m["budget_search_epochs"] + 1)
 
 
 def test_an_infeasible_goal_is_reported_and_the_closest_kept(tmp_path, workspace):

@@ -1,0 +1,387 @@
+"""The accuracy frontier at high compression: shrinkflow against Torch-Pruning's own recipes, on the same
+trained bases, at the same MACs reductions and the same total training budget, side by side in one run.
+
+    .venv/bin/python bench/frontier.py [--nets resnet8_w16 resnet10_wide] [--ratios 2 3 5 9]
+        [--methods ...] [--budget 3] [--train-fraction 1.0] [--base-epochs 15] [--noise-seeds 3]
+        [--out bench/results/frontier.json]
+
+Data: Fashion-MNIST (Debian's dataset-fashion-mnist), the official 60k/10k split; accuracy is on the
+whole 10k test set. Bases: trained here once (15 epochs, the demo's recipe) and cached under
+.shrinkflow/bench/frontier/. Each method then gets `--budget` epochs over the training set in all (its
+sparse training before the cut counts), fine-tunes with the same SGD + cosine schedule at the same lr,
+and is cut to the same MACs as the others (the uniform ratio solved for the target; Torch-Pruning's
+MetaPruner reads the ratio the same way).
+
+Methods (each is what its authors' recipe does, scaled to the budget):
+  sf_default      shrinkflow's default plan: channel_prune (l2, ratio solved for the target), KD fine-tune
+  sf_grow         channel_prune with regularize: grow (1 epoch of growing regularisation on the channels
+                  the cut removes, distilling from the base), then KD fine-tune for the rest
+  sf_group_lasso  channel_prune with regularize: group_lasso (1 epoch), then KD fine-tune
+  tp_l1           uniform L1 (MetaPruner + MagnitudeImportance(p=1)), cross-entropy fine-tune: the
+                  20-line recipe
+  tp_magnitude    MetaPruner + GroupMagnitudeImportance(p=2), cross-entropy fine-tune
+  tp_taylor       MetaPruner + GroupTaylorImportance (gradients of 8 batches), cross-entropy fine-tune
+  tp_group_norm   GroupNormPruner: 1 epoch of its sparse training (reg 5e-4, its benchmark's), prune,
+                  cross-entropy fine-tune
+  tp_bn_scale     BNScalePruner: 1 epoch of its sparse training (reg 1e-5), prune, cross-entropy fine-tune
+  tp_growing_reg  GrowingRegPruner: 1 epoch of its growing regularisation, prune, cross-entropy fine-tune
+
+Noise: sf_default at 5x on the first net is run with --noise-seeds seeds; their spread is the bar a
+lead must clear. Latency: batch 1, one thread, the best of PyTorch eager and ONNX Runtime (fp32) per
+model, timed interleaved with the base. Prints a table, writes JSON and frontier.png next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from compression_ops import ChannelPrune, Distill, OpData, TrainSpec, apply, fit  # noqa: E402
+from compression_ops.channel_prune import output_layers, solve_ratio  # noqa: E402
+from compression_ops.metrics import count_macs, count_params  # noqa: E402
+from tasks.data.loaders import TensorBatches  # noqa: E402
+from tasks.data.sources import read_idx  # noqa: E402
+from tasks.models import create_model  # noqa: E402
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+CACHE = REPO / ".shrinkflow" / "bench" / "frontier"
+NETS: dict[str, Callable[[], nn.Module]] = {
+    "resnet8_w16": lambda: create_model("resnet8", in_channels=1, num_classes=10, width=16),
+    "resnet10_wide": lambda: create_model("resnet10_wide", in_channels=1, num_classes=10),
+}
+BATCH, FINETUNE_LR, BASE_LR = 128, 0.05, 0.2
+
+
+# ------------------------------------------------------------------ data and bases
+
+
+def fashion(train_fraction: float) -> tuple[TensorBatches, TensorBatches, torch.Tensor]:
+    """(augmented shuffled train batches, test batches, 8 calibration batches' images) of Fashion-MNIST."""
+    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        raise SystemExit(f"Fashion-MNIST is missing in {FASHION}: `make data` installs dataset-fashion-mnist")
+
+    def load(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.tensor(read_idx(FASHION / f"{kind}-images-idx3-ubyte.gz"), dtype=torch.float32) / 255.0
+        y = torch.tensor(read_idx(FASHION / f"{kind}-labels-idx1-ubyte.gz"), dtype=torch.long)
+        return ((x - 0.2860) / 0.3530).unsqueeze(1), y
+
+    xtr, ytr = load("train")
+    xte, yte = load("t10k")
+    n = int(len(ytr) * train_fraction)
+    keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))[:n]
+    train = TensorBatches(xtr[keep], ytr[keep], BATCH, shuffle=True, augment=True, seed=0)
+    return train, TensorBatches(xte, yte, 512), xtr[keep][:1]
+
+
+def accuracy(model: nn.Module, batches: TensorBatches) -> float:
+    model.eval()
+    right = total = 0
+    with torch.inference_mode():
+        for x, y in batches:
+            right += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return 100.0 * right / total
+
+
+def trained_base(net: str, train: TensorBatches, test: TensorBatches, epochs: int, fraction: float) -> tuple[nn.Module, float]:
+    path = CACHE / f"{net}-e{epochs}-f{fraction:g}.pt"
+    model = NETS[net]()
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        t0 = time.perf_counter()
+        fit(model, train, TrainSpec(epochs=epochs, lr=BASE_LR, schedule="onecycle", label_smoothing=0.05))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+        print(f"  trained {net} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return model.eval(), accuracy(model, test)
+
+
+# ------------------------------------------------------------------ methods
+
+
+class Ctx:
+    """What every method gets: the base, the MACs target and its solved ratio, the data, the budget."""
+
+    def __init__(self, base: nn.Module, target: float, ratio: float, train: TensorBatches, example: torch.Tensor,
+                 budget: int, seed: int):
+        self.base, self.target, self.ratio, self.train, self.example = base, target, ratio, train, example
+        self.budget, self.seed = budget, seed
+
+    def spec(self, epochs: int) -> TrainSpec:
+        return TrainSpec(epochs=epochs, lr=FINETUNE_LR, seed=self.seed)
+
+    def calib(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [b for _, b in zip(range(8), self.train, strict=False)]
+
+
+def _shrinkflow(regularize: str | None) -> Callable[[Ctx], tuple[nn.Module, int]]:
+    def run(c: Ctx) -> tuple[nn.Module, int]:
+        reg_epochs = 1 if regularize else 0
+        cfg = ChannelPrune(target_macs_reduction=c.target, importance="l2", regularize=regularize,
+                           regularize_epochs=max(reg_epochs, 1))
+        torch.manual_seed(c.seed)
+        res = apply(c.base, cfg, OpData(example=c.example, batches=c.train))
+        model = res.model
+        fit(model, c.train, c.spec(c.budget - reg_epochs), teacher=c.base, distill=Distill())
+        return model, res.report["train_epochs"] + (c.budget - reg_epochs)
+
+    return run
+
+
+def _tp_prune(c: Ctx, model: nn.Module, pruner_cls: str, importance: Any, **kw: Any) -> Any:
+    import torch_pruning as tp
+
+    return getattr(tp.pruner, pruner_cls)(
+        model, c.example, importance=importance, pruning_ratio=c.ratio,
+        ignored_layers=output_layers(model, c.example), **kw)
+
+
+def _ce_sparse_epoch(c: Ctx, model: nn.Module, pruner: Any) -> None:
+    """One epoch of cross-entropy training with the pruner's regulariser after every backward pass
+    (Torch-Pruning's benchmark loop)."""
+    opt = torch.optim.SGD(model.parameters(), lr=FINETUNE_LR, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(c.train))
+    torch.manual_seed(c.seed)
+    model.train()
+    if hasattr(pruner, "update_regularizer"):
+        pruner.update_regularizer()
+    for i, (x, y) in enumerate(c.train):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        pruner.regularize(model)
+        opt.step()
+        sched.step()
+        if hasattr(pruner, "update_reg") and i % 10 == 0:  # the benchmark's --update-reg-interval
+            pruner.update_reg()
+    model.eval()
+
+
+def _torch_pruning(kind: str) -> Callable[[Ctx], tuple[nn.Module, int]]:
+    def run(c: Ctx) -> tuple[nn.Module, int]:
+        import torch_pruning as tp
+
+        model = copy.deepcopy(c.base)
+        sparse = 0
+        if kind == "l1":
+            pruner = _tp_prune(c, model, "MetaPruner", tp.importance.MagnitudeImportance(p=1))
+        elif kind == "magnitude":
+            pruner = _tp_prune(c, model, "MetaPruner", tp.importance.GroupMagnitudeImportance(p=2))
+        elif kind == "taylor":
+            pruner = _tp_prune(c, model, "MetaPruner", tp.importance.GroupTaylorImportance())
+            model.eval()
+            model.zero_grad()
+            for x, y in c.calib():
+                F.cross_entropy(model(x), y).backward()
+        elif kind == "group_norm":
+            pruner = _tp_prune(c, model, "GroupNormPruner", tp.importance.GroupMagnitudeImportance(p=2), reg=5e-4)
+        elif kind == "bn_scale":
+            pruner = _tp_prune(c, model, "BNScalePruner", tp.importance.BNScaleImportance(), reg=1e-5)
+        elif kind == "growing_reg":
+            pruner = _tp_prune(c, model, "GrowingRegPruner", tp.importance.GroupMagnitudeImportance(p=2),
+                               reg=1e-4, delta_reg=1e-5)
+        else:
+            raise ValueError(kind)
+        if kind in ("group_norm", "bn_scale", "growing_reg"):
+            _ce_sparse_epoch(c, model, pruner)
+            sparse = 1
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        fit(model, c.train, c.spec(c.budget - sparse))
+        return model, c.budget
+
+    return run
+
+
+METHODS: dict[str, Callable[[Ctx], tuple[nn.Module, int]]] = {
+    "sf_default": _shrinkflow(None),
+    "sf_grow": _shrinkflow("grow"),
+    "sf_group_lasso": _shrinkflow("group_lasso"),
+    "tp_l1": _torch_pruning("l1"),
+    "tp_magnitude": _torch_pruning("magnitude"),
+    "tp_taylor": _torch_pruning("taylor"),
+    "tp_group_norm": _torch_pruning("group_norm"),
+    "tp_bn_scale": _torch_pruning("bn_scale"),
+    "tp_growing_reg": _torch_pruning("growing_reg"),
+}
+
+
+# ------------------------------------------------------------------ latency
+
+
+def latency_ms(models: dict[str, nn.Module], example: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per model: eager and ONNX Runtime fp32 median ms at batch 1 on one thread, timed interleaved."""
+    from tasks.engines.onnx_runtime import export_onnx, load_onnx
+    from tasks.engines.timing import time_interleaved
+
+    torch.set_num_threads(1)
+    fns: dict[tuple[str, str], Callable[[], object]] = {}
+    x = example[:1]
+    xn = x.numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, m in models.items():
+            m = m.eval()
+            fns[(name, "eager")] = lambda m=m: m(x)
+            path = Path(tmp) / f"{name}.onnx"
+            try:
+                export_onnx(m, x, path, dynamic_batch=False)
+                runner = load_onnx(path, threads=1, verify=False)
+                fns[(name, "onnxruntime")] = lambda r=runner: r.run(xn)
+            except Exception as e:  # an export failure costs this model its ORT figure, not the bench
+                print(f"  {name}: no ONNX Runtime figure ({type(e).__name__}: {str(e)[:120]})")
+        with torch.inference_mode():
+            times = time_interleaved(fns, warmup=10, repeat=60)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    out: dict[str, dict[str, float]] = {}
+    for (name, engine), t in times.items():
+        out.setdefault(name, {})[engine] = t["median_ms"]
+    for row in out.values():
+        row["best"] = min(row.values())
+    return out
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    ap.add_argument("--ratios", type=float, nargs="+", default=[2, 3, 5, 9])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--budget", type=int, default=3, help="training epochs per method, sparse training included")
+    ap.add_argument("--train-fraction", type=float, default=1.0)
+    ap.add_argument("--base-epochs", type=int, default=15)
+    ap.add_argument("--noise-seeds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "frontier.json")
+    args = ap.parse_args()
+    if args.budget < 2:
+        raise SystemExit("--budget must be at least 2 epochs (sparse training takes 1)")
+    torch.manual_seed(0)
+    train, test, example = fashion(args.train_fraction)
+    rows: list[dict[str, Any]] = []
+    noise: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    print(f"Fashion-MNIST, {len(train.y)} training images, budget {args.budget} epochs per method", flush=True)
+    for net in args.nets:
+        base, base_acc = trained_base(net, train, test, args.base_epochs, args.train_fraction)
+        macs0, params0 = count_macs(base, example), count_params(base)
+        print(f"\n{net}: base {base_acc:.2f}% ({params0 / 1e3:.0f} k params, {macs0 / 1e6:.1f} M MACs)", flush=True)
+        print(f"  {'target':>6s} {'method':16s} {'MACs x':>7s} {'acc %':>7s} {'drop':>6s} {'epochs':>6s} {'min':>5s}")
+        models: dict[str, nn.Module] = {"base": base}
+        for target in args.ratios:
+            ratio = solve_ratio(base, ChannelPrune(target_macs_reduction=target), OpData(example=example), target)
+            for method in args.methods:
+                seeds = range(args.noise_seeds) if (method == "sf_default" and target == 5 and net == args.nets[0]) else [0]
+                accs = []
+                for seed in seeds:
+                    t0 = time.perf_counter()
+                    model, epochs = METHODS[method](Ctx(base, target, ratio, train, example, args.budget, seed))
+                    acc = accuracy(model, test)
+                    accs.append(acc)
+                    if seed == 0:
+                        macs = count_macs(model, example)
+                        row = {"net": net, "target": target, "method": method, "ratio": ratio,
+                               "macs": macs, "macs_reduction": macs0 / macs, "params": count_params(model),
+                               "accuracy": acc, "drop": base_acc - acc, "train_epochs": epochs,
+                               "minutes": (time.perf_counter() - t0) / 60}
+                        rows.append(row)
+                        models[f"{method}@{target:g}"] = model
+                    print(f"  {target:5.0f}x {method:16s} {macs0 / count_macs(model, example):6.2f}x {acc:7.2f} "
+                          f"{base_acc - acc:6.2f} {epochs:6d} {(time.perf_counter() - t0) / 60:5.1f}", flush=True)
+                if len(accs) > 1:
+                    noise = {"net": net, "target": target, "method": method, "accuracies": accs,
+                             "stdev": statistics.stdev(accs), "range": max(accs) - min(accs)}
+                    print(f"  noise: sf_default at {target:g}x over {len(accs)} seeds: stdev {noise['stdev']:.2f} pt, "
+                          f"range {noise['range']:.2f} pt", flush=True)
+        lat = latency_ms(models, example)
+        for row in rows:
+            if row["net"] == net:
+                row["latency_ms"] = lat[f"{row['method']}@{row['target']:g}"]
+        rows.append({"net": net, "method": "base", "target": 1.0, "macs": macs0, "macs_reduction": 1.0,
+                     "params": params0, "accuracy": base_acc, "drop": 0.0, "train_epochs": args.base_epochs,
+                     "latency_ms": lat["base"]})
+    result = {"dataset": "fashion_mnist", "train_images": len(train.y), "budget_epochs": args.budget,
+              "base_epochs": args.base_epochs, "rows": rows, "noise": noise,
+              "minutes": (time.perf_counter() - t_start) / 60,
+              "command": "bench/frontier.py " + " ".join(sys.argv[1:])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    summary(result)
+    plot(result, args.out.with_name("frontier.png"))
+    print(f"\nwrote {args.out} and {args.out.with_name('frontier.png')}")
+
+
+def summary(result: dict[str, Any]) -> None:
+    """Per net and target: the best shrinkflow method against the best Torch-Pruning recipe."""
+    noise = result["noise"].get("stdev")
+    print("\nbest shrinkflow vs best Torch-Pruning recipe (accuracy %, drop from base in pt):")
+    by: dict[tuple[str, float], list[dict]] = {}
+    for r in result["rows"]:
+        if r["method"] != "base":
+            by.setdefault((r["net"], r["target"]), []).append(r)
+    for (net, target), rs in by.items():
+        sf = max((r for r in rs if r["method"].startswith("sf_")), key=lambda r: r["accuracy"], default=None)
+        tp = max((r for r in rs if r["method"].startswith("tp_")), key=lambda r: r["accuracy"], default=None)
+        if sf and tp:
+            lead = sf["accuracy"] - tp["accuracy"]
+            verdict = ""
+            if noise is not None:  # a lead counts when it passes twice the seed-to-seed stdev
+                verdict = " (ahead beyond noise)" if lead > 2 * noise else (
+                    " (behind beyond noise)" if lead < -2 * noise else " (within noise)")
+            print(f"  {net} {target:g}x: {sf['method']} {sf['accuracy']:.2f} (drop {sf['drop']:+.2f}) vs "
+                  f"{tp['method']} {tp['accuracy']:.2f} (drop {tp['drop']:+.2f}): lead {lead:+.2f} pt{verdict}")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = sorted({r["net"] for r in result["rows"]})
+    fig, axes = plt.subplots(len(nets), 2, figsize=(11, 4.2 * len(nets)), squeeze=False)
+    for i, net in enumerate(nets):
+        rows = [r for r in result["rows"] if r["net"] == net]
+        for method in sorted({r["method"] for r in rows} - {"base"}):
+            rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["macs"])
+            style = "-o" if method.startswith("sf_") else "--x"
+            axes[i][0].plot([r["macs"] / 1e6 for r in rs], [r["accuracy"] for r in rs], style, label=method)
+            axes[i][1].plot([r["latency_ms"]["best"] for r in rs], [r["accuracy"] for r in rs], style, label=method)
+        base = next(r for r in rows if r["method"] == "base")
+        for ax, x in ((axes[i][0], base["macs"] / 1e6), (axes[i][1], base["latency_ms"]["best"])):
+            ax.plot([x], [base["accuracy"]], "k*", markersize=12, label="base")
+            ax.set_ylabel("test accuracy %")
+            ax.grid(alpha=0.3)
+        axes[i][0].set_xlabel("MACs (M)")
+        axes[i][1].set_xlabel("latency ms (batch 1, 1 thread, best engine)")
+        axes[i][0].set_title(f"{net}: accuracy against MACs")
+        axes[i][1].set_title(f"{net}: accuracy against measured latency")
+        axes[i][1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
