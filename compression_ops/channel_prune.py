@@ -96,6 +96,10 @@ class ChannelPrune(OpConfig):
         channels the cut will remove, growing), "group_lasso" (group-norm proximal steps on every channel
         group) or "bn_l1" (network slimming); None cuts the net as it is. Trains regularize_epochs
         epochs over OpData.batches, distilling from the unpruned net, SGD at regularize_lr (cosine).
+    steps: cut in this many steps (iterative pruning; needs target_macs_reduction): step i reaches
+        target^(i/steps) of the MACs reduction, and between steps the net is fine-tuned for step_epochs
+        epochs over OpData.batches at step_lr (SGD, cosine), distilling from the unpruned net. regularize
+        and reconstruct then apply at every step; the report's pruning_history is the last step's.
     regularize_strength: for grow, how far the removed channels fade (their weights end x e^-strength);
         for group_lasso / bn_l1 the penalty weight; None takes compression_ops.regularize.DEFAULT_STRENGTH.
     global_ranking: rank channels across all layers at once (Torch-Pruning's global pruning) instead of
@@ -125,6 +129,9 @@ class ChannelPrune(OpConfig):
     regularize_epochs: int = 1
     regularize_strength: float | None = None
     regularize_lr: float = 0.01
+    steps: int = 1
+    step_epochs: int = 1
+    step_lr: float = 0.05
 
     def validate(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, hi_open=True)
@@ -147,6 +154,13 @@ class ChannelPrune(OpConfig):
         check_range("latency_repeat", self.latency_repeat, 3, 10_000)
         check_range("reconstruct_batches", self.reconstruct_batches, 1, 10_000)
         check_range("max_layer_ratio", self.max_layer_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_range("steps", self.steps, 1, 20)
+        check_range("step_epochs", self.step_epochs, 0, 1000)
+        check_range("step_lr", self.step_lr, 0.0, 10.0, lo_open=True)
+        if self.steps > 1 and self.target_macs_reduction is None:
+            raise OpConfigError(
+                f"steps={self.steps} prunes towards a MACs target in steps: set target_macs_reduction "
+                "(or goal.speedup with metric macs), or steps: 1")
         if self.global_ranking and (self.per_layer or self.layer_scale):
             raise OpConfigError("global_ranking ranks every layer together: drop per_layer / layer_scale, or turn it off")
         if self.regularize is not None:
@@ -391,6 +405,8 @@ def channel_prune(model: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult
     """Prune a copy of `model`; the original is left untouched."""
     if not isinstance(data, OpData):
         raise OpConfigError("channel_prune needs OpData(example=<input tensor>, batches=...)")
+    if cfg.steps > 1:
+        return _iterative(model, cfg, data)
     base = model
     model = copy.deepcopy(model)
     macs0, params0 = count_macs(model, data.example), count_params(model)
@@ -424,6 +440,38 @@ def channel_prune(model: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult
         lat, ms0, ms1 = latency_reduction(base, model, data.example, repeat=3 * cfg.latency_repeat)
         report.update({"latency_reduction": lat, "latency_before_ms": ms0, "latency_after_ms": ms1})
     return OpResult(model, report)
+
+
+def _iterative(base: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult:
+    """cfg.steps cuts, each to target^(i/steps) of the MACs reduction, with step_epochs of distillation from
+    `base` between them; the report is the last cut's, with the totals and one summary per step."""
+    from compression_ops.distill import Distill
+    from compression_ops.finetune import TrainSpec, fit
+
+    if data.batches is None and cfg.step_epochs > 0:
+        raise OpConfigError(f"steps={cfg.steps} fine-tunes between cuts: pass OpData(example=..., batches=...)")
+    macs0, params0 = count_macs(base, data.example), count_params(base)
+    teacher = copy.deepcopy(base).eval()
+    current, steps, applied, epochs = base, [], set(), 0
+    res = None
+    for i in range(1, cfg.steps + 1):
+        goal = macs0 / cfg.target_macs_reduction ** (i / cfg.steps)  # MACs after this step
+        factor = count_macs(current, data.example) / goal
+        step_cfg = dataclasses.replace(cfg, steps=1, target_macs_reduction=max(factor, 1.0 + 1e-6))
+        res = channel_prune(current, step_cfg, data)
+        current = res.model
+        applied.update(res.report.get("applied", []))
+        epochs += res.report["train_epochs"]
+        if i < cfg.steps and cfg.step_epochs > 0:
+            fit(current, data.batches, TrainSpec(epochs=cfg.step_epochs, lr=cfg.step_lr, seed=i),
+                teacher=teacher, distill=Distill())
+            epochs += cfg.step_epochs
+        steps.append({"step": i, "ratio": res.report["ratio"], "macs_reduction": macs0 / count_macs(current, data.example)})
+    macs1 = count_macs(current, data.example)
+    report = {**res.report, "macs_before": macs0, "macs_after": macs1, "macs_reduction": macs0 / max(macs1, 1),
+              "params_before": params0, "params_after": count_params(current), "applied": sorted(applied),
+              "train_epochs": epochs, "steps": steps}
+    return OpResult(current, report)
 
 
 def _regularize(base: nn.Module, model: nn.Module, cfg: ChannelPrune, ratio: float, data: OpData) -> dict[str, Any]:

@@ -35,6 +35,11 @@ from tasks.plan import PRUNE_AMOUNT
 QAT_BITS = [2, 3, 4, 5, 6, 8]
 
 
+# `regularize: search` in a channel_prune entry lets the search choose among these (none: cut as it is).
+SEARCHED = "search"
+REGULARIZE_CHOICES = ["none", "grow", "group_lasso"]
+
+
 @dataclasses.dataclass
 class Param:
     """One dimension: float/int in [low, high] (log-uniform if log), or one of choices; pinned if fixed."""
@@ -130,6 +135,10 @@ class SearchSpace:
                 else:
                     for g in self.groups:
                         self._add(Param(f"prune.scale.{g[0]}", "float", 0.25, 2.0, log=True, default=1.0))
+            if op == "channel_prune" and e.get("regularize") == SEARCHED:
+                # whether (and how) to make the net ready before the cut: each choice costs its trial
+                # regularize_epochs of training, counted in the trial's budget
+                self._add(Param("prune.regularize", "categorical", choices=REGULARIZE_CHOICES, default="none"))
             elif op == "sparsify" and "sparsity" not in e and "pattern" not in e:
                 self._add(Param("sparsity", "float", 0.3, 0.95, default=0.5))
             elif op == "qat" and "bits" not in e and "per_layer_bits" not in e:
@@ -254,6 +263,9 @@ class SearchSpace:
     def _build_entry(self, e: dict[str, Any], point: dict[str, Any]) -> OpConfig:
         goal = self.cfg.goal
         op = e["op"]
+        if op == "channel_prune" and e.get("regularize") == SEARCHED:
+            choice = point.get("prune.regularize", "none")
+            e["regularize"] = None if choice == "none" else choice
         if op == "channel_prune" and not any(e.get(k) is not None for k in PRUNE_AMOUNT):
             if "prune.shape_power" in point:
                 e["layer_scale"] = {k: round(v, 4) for k, v in self._shape(float(point["prune.shape_power"])).items()}

@@ -134,3 +134,17 @@ def test_global_ranking_meets_the_target_with_uneven_layers_and_caps_each_layer(
     assert max(kept.values()) - min(kept.values()) > 0.1  # not a uniform cut
     with pytest.raises(OpConfigError, match="global_ranking"):
         ChannelPrune(ratio=0.3, global_ranking=True, layer_scale={"stem.0": 1.0})
+
+
+def test_iterative_pruning_reaches_the_target_in_steps_and_counts_its_training():
+    base = _trained()
+    _, _, xte, yte = _digits_split()
+    res = apply(base, ChannelPrune(target_macs_reduction=4.0, steps=2, step_epochs=1), _data())
+    rep = res.report
+    assert rep["macs_reduction"] >= 4.0
+    assert [s["step"] for s in rep["steps"]] == [1, 2]
+    assert 1.7 < rep["steps"][0]["macs_reduction"] < 2.6  # about 4^(1/2) after the first cut
+    assert rep["train_epochs"] == 1  # one fine-tune between the two cuts
+    assert _accuracy(res.model, xte, yte) > 15  # the net still computes after two cuts
+    with pytest.raises(OpConfigError, match="steps=3 prunes towards a MACs target"):
+        ChannelPrune(ratio=0.5, steps=3)

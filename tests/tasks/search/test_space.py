@@ -172,3 +172,24 @@ def test_samplers_and_pruners_follow_the_config() -> None:
     a, b = (sampler_for(sc, w).sample_independent(study, study.ask(), "x", optuna.distributions.FloatDistribution(0, 1))
             for w in (0, 1))
     assert a != b
+
+
+def test_regularize_search_lets_the_search_choose_how_to_make_the_net_ready() -> None:
+    space = SearchSpace(_cfg(plan=[{"op": "channel_prune", "regularize": "search", "regularize_epochs": 2}]), _model(), X)
+    p = space.params["prune.regularize"]
+    assert p.kind == "categorical" and p.choices == ["none", "grow", "group_lasso"] and p.default == "none"
+    assert space.build(space.defaults())[0][0].regularize is None
+    prune = space.build(space.defaults() | {"prune.regularize": "grow"})[0][0]
+    assert prune.regularize == "grow" and prune.regularize_epochs == 2 and prune.target_macs_reduction == 3.0
+    # a method named in the plan is pinned: no parameter
+    pinned = SearchSpace(_cfg(plan=[{"op": "channel_prune", "regularize": "grow"}]), _model(), X)
+    assert "prune.regularize" not in pinned.params
+    assert pinned.build(pinned.defaults())[0][0].regularize == "grow"
+
+
+def test_regularize_search_without_a_search_names_the_fix() -> None:
+    from tasks.plan import plan_from_config
+
+    cfg = _cfg(plan=[{"op": "channel_prune", "regularize": "search"}], search={"n_trials": 0})
+    with pytest.raises(ConfigError, match="regularize: search, but there is no search"):
+        plan_from_config(cfg)
