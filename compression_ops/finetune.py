@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression_ops.base import Batches, TrainHook, check_range
-from compression_ops.distill import Distill, FeatureHint, kd_loss
+from compression_ops.distill import AttentionTransfer, Distill, FeatureHint, kd_loss
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -95,6 +95,7 @@ def fit(
     elif use_kd:
         teacher.eval()
     hint = FeatureHint(model, teacher) if use_kd and distill.hint_weight > 0 else None
+    attend: AttentionTransfer | None = None  # set up on the first batch (it needs an input)
     decay, no_decay = [], []
     params = list(model.parameters()) + (list(hint.parameters()) if hint else [])
     for p in params:
@@ -124,6 +125,8 @@ def fit(
                 for h in hooks:
                     h.before_step(step, steps)
                 x = layout(x)
+                if use_kd and distill.attention_weight > 0 and attend is None:
+                    attend = AttentionTransfer(model, teacher, x)
                 out = model(x)
                 if use_kd:
                     with torch.no_grad():
@@ -131,6 +134,8 @@ def fit(
                     loss = kd_loss(out, t_out, y, distill, spec.label_smoothing)
                     if hint is not None:
                         loss = loss + distill.hint_weight * hint.loss()
+                    if attend is not None:
+                        loss = loss + distill.attention_weight * attend.loss()
                 else:
                     loss = F.cross_entropy(out, y, label_smoothing=spec.label_smoothing)
                 opt.zero_grad(set_to_none=True)
@@ -152,6 +157,8 @@ def fit(
     finally:  # also when a hook or on_epoch stops training (a pruned search trial): leave no hook behind
         if hint is not None:
             hint.remove()
+        if attend is not None:
+            attend.remove()
         model.to(memory_format=torch.contiguous_format)
         if use_kd:
             teacher.to(memory_format=torch.contiguous_format)

@@ -140,6 +140,9 @@ class DistillConfig(_Strict):
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the KD term; 1-alpha on the labels")
     hint_weight: float = Field(0.0, ge=0, description="weight of the penultimate-feature (hint) loss; 0: off")
+    attention_weight: float = Field(
+        0.0, ge=0, le=1e5,
+        description="weight of attention transfer at every resolution stage's end (1000 in the paper); 0: off")
 
 
 class SensitivityConfig(_Strict):

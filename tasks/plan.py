@@ -51,7 +51,8 @@ def plan_from_config(cfg: PipelineConfig) -> list[OpConfig]:
         plan.append(op)
     d = cfg.finetune.distill
     if d.enabled:
-        plan.append(Distill(temperature=d.temperature, alpha=d.alpha, hint_weight=d.hint_weight))
+        plan.append(Distill(temperature=d.temperature, alpha=d.alpha, hint_weight=d.hint_weight,
+                            attention_weight=d.attention_weight))
     return plan
 
 

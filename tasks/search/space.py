@@ -296,7 +296,8 @@ class SearchSpace:
         d = self.cfg.finetune.distill
         if d.enabled:
             plan.append(Distill(temperature=float(point.get("distill.temperature", d.temperature)),
-                                alpha=float(point.get("distill.alpha", d.alpha)), hint_weight=d.hint_weight))
+                                alpha=float(point.get("distill.alpha", d.alpha)), hint_weight=d.hint_weight,
+                                attention_weight=d.attention_weight))
         lr = float(point.get("finetune.lr", self.cfg.finetune.lr))
         if not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"finetune.lr={lr}: must be > 0")
