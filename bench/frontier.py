@@ -16,7 +16,10 @@ Methods (each is what its authors' recipe does, scaled to the budget):
   sf_default      shrinkflow's default plan: channel_prune (l2, ratio solved for the target), KD fine-tune
   sf_grow         channel_prune with regularize: grow (1 epoch of growing regularisation on the channels
                   the cut removes, distilling from the base), then KD fine-tune for the rest
+  sf_grow_lr01    sf_grow, fine-tuned at lr 0.01 (keeps more of the cut's head start)
   sf_group_lasso  channel_prune with regularize: group_lasso (1 epoch), then KD fine-tune
+  sf_iterative    channel_prune in 2 steps (steps: 2) with 1 KD epoch between, then KD fine-tune
+  sf_attention    sf_default with attention transfer at the stage ends (attention_weight 1000)
   tp_l1           uniform L1 (MetaPruner + MagnitudeImportance(p=1)), cross-entropy fine-tune: the
                   20-line recipe
   tp_magnitude    MetaPruner + GroupMagnitudeImportance(p=2), cross-entropy fine-tune
@@ -28,7 +31,8 @@ Methods (each is what its authors' recipe does, scaled to the budget):
 
 Noise: sf_default at 5x on the first net is run with --noise-seeds seeds; their spread is the bar a
 lead must clear. Latency: batch 1, one thread, the best of PyTorch eager and ONNX Runtime (fp32) per
-model, timed interleaved with the base. Prints a table, writes JSON and frontier.png next to it.
+model, timed interleaved with the base. "cut %" is the test accuracy right after the cut, before any
+fine-tuning. Prints a table, writes JSON and frontier.png next to it.
 """
 
 from __future__ import annotations
@@ -123,10 +127,11 @@ def trained_base(net: str, train: TensorBatches, test: TensorBatches, epochs: in
 class Ctx:
     """What every method gets: the base, the MACs target and its solved ratio, the data, the budget."""
 
-    def __init__(self, base: nn.Module, target: float, ratio: float, train: TensorBatches, example: torch.Tensor,
-                 budget: int, seed: int):
-        self.base, self.target, self.ratio, self.train, self.example = base, target, ratio, train, example
-        self.budget, self.seed = budget, seed
+    def __init__(self, base: nn.Module, target: float, ratio: float, train: TensorBatches, test: TensorBatches,
+                 example: torch.Tensor, budget: int, seed: int):
+        self.base, self.target, self.ratio, self.train, self.test = base, target, ratio, train, test
+        self.example, self.budget, self.seed = example, budget, seed
+        self.after_cut: float | None = None  # test accuracy right after the cut, before fine-tuning
 
     def spec(self, epochs: int) -> TrainSpec:
         return TrainSpec(epochs=epochs, lr=FINETUNE_LR, seed=self.seed)
@@ -135,16 +140,19 @@ class Ctx:
         return [b for _, b in zip(range(8), self.train, strict=False)]
 
 
-def _shrinkflow(regularize: str | None) -> Callable[[Ctx], tuple[nn.Module, int]]:
+def _shrinkflow(regularize: str | None = None, *, lr: float = FINETUNE_LR, steps: int = 1,
+                attention: float = 0.0) -> Callable[[Ctx], tuple[nn.Module, int]]:
     def run(c: Ctx) -> tuple[nn.Module, int]:
-        reg_epochs = 1 if regularize else 0
+        inside = (1 if regularize else 0) + (steps - 1)  # epochs the op trains: regularising, between cuts
         cfg = ChannelPrune(target_macs_reduction=c.target, importance="l2", regularize=regularize,
-                           regularize_epochs=max(reg_epochs, 1))
+                           steps=steps, step_epochs=1, step_lr=FINETUNE_LR)
         torch.manual_seed(c.seed)
         res = apply(c.base, cfg, OpData(example=c.example, batches=c.train))
         model = res.model
-        fit(model, c.train, c.spec(c.budget - reg_epochs), teacher=c.base, distill=Distill())
-        return model, res.report["train_epochs"] + (c.budget - reg_epochs)
+        c.after_cut = accuracy(model, c.test)
+        spec = TrainSpec(epochs=c.budget - inside, lr=lr, seed=c.seed)
+        fit(model, c.train, spec, teacher=c.base, distill=Distill(attention_weight=attention))
+        return model, res.report["train_epochs"] + spec.epochs
 
     return run
 
@@ -208,6 +216,7 @@ def _torch_pruning(kind: str) -> Callable[[Ctx], tuple[nn.Module, int]]:
             sparse = 1
         pruner.step()
         model.zero_grad(set_to_none=True)
+        c.after_cut = accuracy(model, c.test)
         fit(model, c.train, c.spec(c.budget - sparse))
         return model, c.budget
 
@@ -215,9 +224,12 @@ def _torch_pruning(kind: str) -> Callable[[Ctx], tuple[nn.Module, int]]:
 
 
 METHODS: dict[str, Callable[[Ctx], tuple[nn.Module, int]]] = {
-    "sf_default": _shrinkflow(None),
+    "sf_default": _shrinkflow(),
     "sf_grow": _shrinkflow("grow"),
+    "sf_grow_lr01": _shrinkflow("grow", lr=0.01),
     "sf_group_lasso": _shrinkflow("group_lasso"),
+    "sf_iterative": _shrinkflow(steps=2),
+    "sf_attention": _shrinkflow(attention=1000.0),
     "tp_l1": _torch_pruning("l1"),
     "tp_magnitude": _torch_pruning("magnitude"),
     "tp_taylor": _torch_pruning("taylor"),
@@ -287,7 +299,8 @@ def main() -> None:
         base, base_acc = trained_base(net, train, test, args.base_epochs, args.train_fraction)
         macs0, params0 = count_macs(base, example), count_params(base)
         print(f"\n{net}: base {base_acc:.2f}% ({params0 / 1e3:.0f} k params, {macs0 / 1e6:.1f} M MACs)", flush=True)
-        print(f"  {'target':>6s} {'method':16s} {'MACs x':>7s} {'acc %':>7s} {'drop':>6s} {'epochs':>6s} {'min':>5s}")
+        print(f"  {'target':>6s} {'method':16s} {'MACs x':>7s} {'cut %':>7s} {'acc %':>7s} {'drop':>6s} {'epochs':>6s} "
+              f"{'min':>5s}")
         models: dict[str, nn.Module] = {"base": base}
         for target in args.ratios:
             ratio = solve_ratio(base, ChannelPrune(target_macs_reduction=target), OpData(example=example), target)
@@ -296,7 +309,8 @@ def main() -> None:
                 accs = []
                 for seed in seeds:
                     t0 = time.perf_counter()
-                    model, epochs = METHODS[method](Ctx(base, target, ratio, train, example, args.budget, seed))
+                    ctx = Ctx(base, target, ratio, train, test, example, args.budget, seed)
+                    model, epochs = METHODS[method](ctx)
                     acc = accuracy(model, test)
                     accs.append(acc)
                     if seed == 0:
@@ -304,11 +318,12 @@ def main() -> None:
                         row = {"net": net, "target": target, "method": method, "ratio": ratio,
                                "macs": macs, "macs_reduction": macs0 / macs, "params": count_params(model),
                                "accuracy": acc, "drop": base_acc - acc, "train_epochs": epochs,
+                               "accuracy_after_cut": ctx.after_cut,
                                "minutes": (time.perf_counter() - t0) / 60}
                         rows.append(row)
                         models[f"{method}@{target:g}"] = model
-                    print(f"  {target:5.0f}x {method:16s} {macs0 / count_macs(model, example):6.2f}x {acc:7.2f} "
-                          f"{base_acc - acc:6.2f} {epochs:6d} {(time.perf_counter() - t0) / 60:5.1f}", flush=True)
+                    print(f"  {target:5.0f}x {method:16s} {macs0 / count_macs(model, example):6.2f}x {ctx.after_cut:7.2f} "
+                          f"{acc:7.2f} {base_acc - acc:6.2f} {epochs:6d} {(time.perf_counter() - t0) / 60:5.1f}", flush=True)
                 if len(accs) > 1:
                     noise = {"net": net, "target": target, "method": method, "accuracies": accs,
                              "stdev": statistics.stdev(accs), "range": max(accs) - min(accs)}
@@ -328,8 +343,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     summary(result)
-    plot(result, args.out.with_name("frontier.png"))
-    print(f"\nwrote {args.out} and {args.out.with_name('frontier.png')}")
+    plot(result, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 def summary(result: dict[str, Any]) -> None:

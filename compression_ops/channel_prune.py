@@ -96,12 +96,12 @@ class ChannelPrune(OpConfig):
         channels the cut will remove, growing), "group_lasso" (group-norm proximal steps on every channel
         group) or "bn_l1" (network slimming); None cuts the net as it is. Trains regularize_epochs
         epochs over OpData.batches, distilling from the unpruned net, SGD at regularize_lr (cosine).
+    regularize_strength: for grow, how far the removed channels fade (their weights end x e^-strength);
+        for group_lasso / bn_l1 the penalty weight; None takes compression_ops.regularize.DEFAULT_STRENGTH.
     steps: cut in this many steps (iterative pruning; needs target_macs_reduction): step i reaches
         target^(i/steps) of the MACs reduction, and between steps the net is fine-tuned for step_epochs
         epochs over OpData.batches at step_lr (SGD, cosine), distilling from the unpruned net. regularize
         and reconstruct then apply at every step; the report's pruning_history is the last step's.
-    regularize_strength: for grow, how far the removed channels fade (their weights end x e^-strength);
-        for group_lasso / bn_l1 the penalty weight; None takes compression_ops.regularize.DEFAULT_STRENGTH.
     global_ranking: rank channels across all layers at once (Torch-Pruning's global pruning) instead of
         removing the same fraction from each: the ratio is then the fraction of all channels removed, and
         a MACs or latency target is solved with the configured importance (which channels go now

@@ -20,7 +20,6 @@ index, read from Torch-Pruning's groups, so residual adds and concatenations are
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -154,10 +153,3 @@ def summary(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[str, 
     return {"channels": len(b), "norm_before_mean": float(b.mean()), "norm_after_mean": float(a.mean()),
             "near_zero_fraction": small}
 
-
-def channel_count(groups: list[list[Slice]]) -> int:
-    roots: dict[int, set[int]] = defaultdict(set)
-    for i, g in enumerate(groups):
-        for s in g:
-            roots[i].update(int(r) for r in s.root)
-    return sum(len(r) for r in roots.values())
