@@ -152,4 +152,3 @@ def summary(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[str, 
     small = float((a < 1e-3 * b.mean().clamp_min(1e-12)).float().mean())
     return {"channels": len(b), "norm_before_mean": float(b.mean()), "norm_after_mean": float(a.mean()),
             "near_zero_fraction": small}
-

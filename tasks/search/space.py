@@ -114,6 +114,10 @@ class SearchSpace:
         goal = cfg.goal
         for i, e in enumerate(self.entries):
             op = e["op"]
+            if op == "channel_prune" and e.get("regularize") == SEARCHED:
+                # whether (and how) to make the net ready before the cut: each choice costs its trial
+                # regularize_epochs of training, counted in the trial's budget
+                self._add(Param("prune.regularize", "categorical", choices=REGULARIZE_CHOICES, default="none"))
             if op == "channel_prune" and not any(e.get(k) is not None for k in PRUNE_AMOUNT):
                 if goal.speedup is None or self.multi_objective:
                     if not (self.multi_objective or goal.size_mb or goal.latency_ms):
@@ -135,10 +139,6 @@ class SearchSpace:
                 else:
                     for g in self.groups:
                         self._add(Param(f"prune.scale.{g[0]}", "float", 0.25, 2.0, log=True, default=1.0))
-            if op == "channel_prune" and e.get("regularize") == SEARCHED:
-                # whether (and how) to make the net ready before the cut: each choice costs its trial
-                # regularize_epochs of training, counted in the trial's budget
-                self._add(Param("prune.regularize", "categorical", choices=REGULARIZE_CHOICES, default="none"))
             elif op == "sparsify" and "sparsity" not in e and "pattern" not in e:
                 self._add(Param("sparsity", "float", 0.3, 0.95, default=0.5))
             elif op == "qat" and "bits" not in e and "per_layer_bits" not in e:
