@@ -13,7 +13,9 @@ from compression_ops import ChannelPrune, Distill, OpData, TrainSpec, apply, fit
 from compression_ops.distill import AttentionTransfer, stage_ends
 from tasks.models import create_model
 
-X = torch.randn(64, 1, 16, 16)
+_GEN = torch.Generator().manual_seed(0)  # the suite's import order must not change the data
+X = torch.randn(64, 1, 16, 16, generator=_GEN)
+Y = torch.randint(0, 10, (64,), generator=_GEN)
 
 
 def _teacher():
@@ -45,13 +47,13 @@ def test_loss_is_zero_for_the_teacher_itself_and_positive_for_a_pruned_student()
 
 def test_distilling_with_attention_transfer_brings_the_maps_closer():
     t = _teacher()
-    y = torch.randint(0, 10, (len(X),))
-    batches = [(X[i:i + 16], y[i:i + 16]) for i in range(0, len(X), 16)]
+    batches = [(X[i:i + 16], Y[i:i + 16]) for i in range(0, len(X), 16)]
     losses = {}
     for weight in (0.0, 1000.0):
         student = apply(t, ChannelPrune(ratio=0.6), OpData(example=X[:1])).model
-        fit(student, batches, TrainSpec(epochs=3, lr=0.05), teacher=t, distill=Distill(attention_weight=weight))
+        fit(student, batches, TrainSpec(epochs=10, lr=0.05), teacher=t, distill=Distill(attention_weight=weight))
         losses[weight] = _at_loss(student, t, X)
-    assert losses[1000.0] < 0.7 * losses[0.0], losses
+    # 40 steps: about 0.27-0.32x on four data seeds tried, against 0.62-0.75x after 12 steps
+    assert losses[1000.0] < 0.5 * losses[0.0], losses
     # hooks are gone after fit: a forward pass records nothing more
     assert not student._forward_hooks and not any(m._forward_hooks for m in student.modules())
