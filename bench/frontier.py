@@ -32,7 +32,7 @@ Methods (each is what its authors' recipe does, scaled to the budget):
 Noise: sf_default at 5x on the first net is run with --noise-seeds seeds; their spread is the bar a
 lead must clear. Latency: batch 1, one thread, the best of PyTorch eager and ONNX Runtime (fp32) per
 model, timed interleaved with the base. "cut %" is the test accuracy right after the cut, before any
-fine-tuning. Prints a table, writes JSON and frontier.png next to it.
+fine-tuning. Prints a table, writes the JSON (--out) and a plot of the same name (.png).
 """
 
 from __future__ import annotations
