@@ -20,19 +20,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from compression_ops import ChannelPrune, Distill, OpData, TrainSpec, apply, fit  # noqa: E402
+from compression_ops import ChannelPrune, Distill, OpData, TrainSpec, apply, evaluate, fit  # noqa: E402
 from tasks.config import load_pipeline  # noqa: E402
 from tasks.context import StageContext  # noqa: E402
 from tasks.workspace import list_runs, run_paths  # noqa: E402
 
 
 def accuracy(model: torch.nn.Module, batches) -> float:
-    right = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            right += int((model.eval()(x).argmax(1) == y).sum())
-            total += int(y.numel())
-    return 100.0 * right / total
+    return evaluate(model, batches)["accuracy"]
 
 
 def main() -> None:

@@ -58,14 +58,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from compression_ops import ChannelPrune, Distill, OpData, TrainSpec, apply, fit  # noqa: E402
+from compression_ops import ChannelPrune, Distill, OpData, TrainSpec, apply, evaluate, fit  # noqa: E402
 from compression_ops.channel_prune import output_layers, solve_ratio  # noqa: E402
 from compression_ops.metrics import count_macs, count_params  # noqa: E402
-from tasks.data.loaders import TensorBatches  # noqa: E402
-from tasks.data.sources import read_idx  # noqa: E402
+from tasks.config import DataConfig  # noqa: E402
+from tasks.data.loaders import TensorBatches, to_tensor  # noqa: E402
+from tasks.data.sources import fashion_mnist  # noqa: E402
+from tasks.errors import DatasetError  # noqa: E402
 from tasks.models import create_model  # noqa: E402
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 CACHE = REPO / ".shrinkflow" / "bench" / "frontier"
 NETS: dict[str, Callable[[], nn.Module]] = {
     "resnet8_w16": lambda: create_model("resnet8", in_channels=1, num_classes=10, width=16),
@@ -78,17 +79,16 @@ BATCH, FINETUNE_LR, BASE_LR = 128, 0.05, 0.2
 
 
 def fashion(train_fraction: float) -> tuple[TensorBatches, TensorBatches, torch.Tensor]:
-    """(augmented shuffled train batches, test batches, 8 calibration batches' images) of Fashion-MNIST."""
-    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
-        raise SystemExit(f"Fashion-MNIST is missing in {FASHION}: `make data` installs dataset-fashion-mnist")
-
-    def load(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.tensor(read_idx(FASHION / f"{kind}-images-idx3-ubyte.gz"), dtype=torch.float32) / 255.0
-        y = torch.tensor(read_idx(FASHION / f"{kind}-labels-idx1-ubyte.gz"), dtype=torch.long)
-        return ((x - 0.2860) / 0.3530).unsqueeze(1), y
-
-    xtr, ytr = load("train")
-    xte, yte = load("t10k")
+    """(augmented shuffled train batches, test batches, one example image) of Fashion-MNIST, read and
+    normalised as the pipelines do (tasks.data: the fashion_mnist source, the training set's mean/std)."""
+    try:
+        x_train, y_train, x_test, y_test, *_ = fashion_mnist(DataConfig(source="fashion_mnist"))
+    except DatasetError as e:
+        raise SystemExit(str(e)) from None
+    scaled = x_train.astype(np.float32) / 255.0
+    mean, std = [float(scaled.mean())], [float(scaled.std() + 1e-6)]
+    xtr, ytr = to_tensor(x_train, mean, std), torch.from_numpy(y_train)
+    xte, yte = to_tensor(x_test, mean, std), torch.from_numpy(y_test)
     n = int(len(ytr) * train_fraction)
     keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))[:n]
     train = TensorBatches(xtr[keep], ytr[keep], BATCH, shuffle=True, augment=True, seed=0)
@@ -96,13 +96,7 @@ def fashion(train_fraction: float) -> tuple[TensorBatches, TensorBatches, torch.
 
 
 def accuracy(model: nn.Module, batches: TensorBatches) -> float:
-    model.eval()
-    right = total = 0
-    with torch.inference_mode():
-        for x, y in batches:
-            right += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return 100.0 * right / total
+    return evaluate(model, batches)["accuracy"]
 
 
 def trained_base(net: str, train: TensorBatches, test: TensorBatches, epochs: int, fraction: float) -> tuple[nn.Module, float]:

@@ -453,21 +453,19 @@ def _iterative(base: nn.Module, cfg: ChannelPrune, data: OpData) -> OpResult:
     macs0, params0 = count_macs(base, data.example), count_params(base)
     teacher = copy.deepcopy(base).eval()
     current, steps, applied, epochs = base, [], set(), 0
-    res = None
+    res, macs1 = None, macs0
     for i in range(1, cfg.steps + 1):
         goal = macs0 / cfg.target_macs_reduction ** (i / cfg.steps)  # MACs after this step
-        factor = count_macs(current, data.example) / goal
-        step_cfg = dataclasses.replace(cfg, steps=1, target_macs_reduction=max(factor, 1.0 + 1e-6))
+        step_cfg = dataclasses.replace(cfg, steps=1, target_macs_reduction=max(macs1 / goal, 1.0 + 1e-6))
         res = channel_prune(current, step_cfg, data)
-        current = res.model
+        current, macs1 = res.model, res.report["macs_after"]
         applied.update(res.report.get("applied", []))
         epochs += res.report["train_epochs"]
         if i < cfg.steps and cfg.step_epochs > 0:
             fit(current, data.batches, TrainSpec(epochs=cfg.step_epochs, lr=cfg.step_lr, seed=i),
                 teacher=teacher, distill=Distill())
             epochs += cfg.step_epochs
-        steps.append({"step": i, "ratio": res.report["ratio"], "macs_reduction": macs0 / count_macs(current, data.example)})
-    macs1 = count_macs(current, data.example)
+        steps.append({"step": i, "ratio": res.report["ratio"], "macs_reduction": macs0 / macs1})
     report = {**res.report, "macs_before": macs0, "macs_after": macs1, "macs_reduction": macs0 / max(macs1, 1),
               "params_before": params0, "params_after": count_params(current), "applied": sorted(applied),
               "train_epochs": epochs, "steps": steps}

@@ -134,7 +134,7 @@ def plan_groups(pruner: Any, model: nn.Module, all_channels: bool) -> list[list[
 
     graph = pruner.DG
     if all_channels:
-        groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)
+        groups = graph.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)
     else:
         groups = prune_plan.GroupPruner(pruner, model, []).groups
     return [s for s in (_group_slices(g, graph) for g in groups) if s]

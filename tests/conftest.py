@@ -80,8 +80,6 @@ def rpc_server():
         proc.wait(timeout=30)
 
 
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server (a real S3 HTTP API) on a free loopback port, with test credentials; its URL."""
