@@ -7,6 +7,8 @@ pipelines.yaml raises its ConfigError here, which Airflow shows as this file's i
 Each DAG: the pipeline's schedule (cron, preset, or an Asset such as a registry alias), created
 paused; trigger params (goal, base model, run id, force) whose schemas come from the pipeline
 schema; retries with backoff for transient failures, none for errors that only a fix can cure.
+A pipeline with goal.frontier gets, after the data and the base, one task group per point (its own
+point run of the remaining stages, tasks/frontier.py) and a final `frontier` task that collects them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Asset, Param, TaskGroup, dag, task
 from airflow.sdk.exceptions import AirflowFailException
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from tasks.config import PipelineConfig, load_pipelines, pipelines_path  # noqa: E402
 from tasks.errors import ConfigError, ShrinkflowError, is_transient  # noqa: E402
+from tasks.frontier import point_group_id  # noqa: E402  (light: names only)
 from tasks.run_params import param_specs  # noqa: E402
 from tasks.schedules import AssetSchedule  # noqa: E402
 from tasks.stage_specs import STAGES  # noqa: E402  (light: the one declaration of the stage order)
@@ -129,6 +132,48 @@ def _search_fanout(pipeline: str, config_path: str, workers: int, run_id):
     return first, mapped
 
 
+def _chain(pipeline: str, cfg: PipelineConfig, config_path: str, run_id: Any, stages: tuple[str, ...],
+           previous: Any) -> Any:
+    """The stage tasks of one run, in order, after `previous`; the last task."""
+    fan_out = cfg.search.n_trials > 0 and cfg.search.workers > 1
+    for stage in stages:
+        if stage == "search" and fan_out:
+            # Mapped workers share the study; the search stage then runs what budget is left,
+            # waits for running trials and chooses the plan.
+            first, mapped = _search_fanout(pipeline, config_path, cfg.search.workers, run_id)
+            previous >> first
+            previous = mapped
+        # After the fan-out the search runs even if a worker failed: it runs what that worker left.
+        rule = "all_done" if stage == "search" and fan_out else "all_success"
+        out = _stage_task(stage, pipeline, config_path, rule)(run_id)
+        if previous is not None:
+            previous >> out
+        previous = out
+    return previous
+
+
+def _point_start(pipeline: str, config_path: str, point: float):
+    @task(task_id="start_point")
+    def start_point(shrinkflow_run_id: str) -> str:
+        """The point run's run.json (the frontier run's overrides, goal.speedup = this point); its run id."""
+        from tasks.frontier import start_point as start
+
+        return run_classified(start, pipeline, shrinkflow_run_id, point, config_path=config_path)
+
+    return start_point
+
+
+def _collect_task(pipeline: str, config_path: str):
+    @task(task_id="frontier")
+    def frontier(shrinkflow_run_id: str) -> dict[str, Any]:
+        """Every point's accuracy, MACs and measured latency: frontier.json, the plot and the report."""
+        from tasks.frontier import collect
+
+        return run_classified(collect, pipeline, shrinkflow_run_id, config_path=config_path)
+
+    return frontier
+
+
 def build_dag(name: str, cfg: PipelineConfig, config_path: Path):
     """The DAG of one pipeline: start (picks the run id), then every stage in order."""
     tags = ["shrinkflow", *(t for t in cfg.tags if t != "shrinkflow")]
@@ -168,21 +213,20 @@ def build_dag(name: str, cfg: PipelineConfig, config_path: Path):
             )
 
         run_id = start()
-        previous = None
-        fan_out = cfg.search.n_trials > 0 and cfg.search.workers > 1
-        for stage in STAGES:
-            if stage == "search" and fan_out:
-                # Mapped workers share the study; the search stage then runs what budget is left,
-                # waits for running trials and chooses the plan.
-                first, mapped = _search_fanout(name, str(config_path), cfg.search.workers, run_id)
-                previous >> first
-                previous = mapped
-            # After the fan-out the search runs even if a worker failed: it runs what that worker left.
-            rule = "all_done" if stage == "search" and fan_out else "all_success"
-            out = _stage_task(stage, name, str(config_path), rule)(run_id)
-            if previous is not None:
-                previous >> out
-            previous = out
+        if not cfg.goal.frontier:
+            _chain(name, cfg, str(config_path), run_id, STAGES, None)
+            return
+        # A frontier: the data and the base once, then per point a task group running the whole chain as its
+        # own point run (its data and base reused from this run), then the frontier collected.
+        base = _chain(name, cfg, str(config_path), run_id, STAGES[:STAGES.index("search")], None)
+        ends = []
+        for point in cfg.goal.frontier:
+            with TaskGroup(group_id=point_group_id(point), tooltip=f"the {point:g}x point: its own run and model"):
+                point_run = _point_start(name, str(config_path), point)(run_id)
+                base >> point_run
+                ends.append(_chain(name, cfg, str(config_path), point_run, STAGES, point_run))
+        collected = _collect_task(name, str(config_path))(run_id)
+        ends >> collected
 
     return pipeline_dag()
 

@@ -238,7 +238,18 @@ def _check_weights_uri(cfg: PipelineConfig, model: Any, uri: str, workspace: str
 
 
 def _check_plan(cfg: PipelineConfig, model: Any, probe: Any) -> str:
-    """The plan's op configs, built as the search (n_trials > 0) or compress stage builds them, in phase order."""
+    """The plan's op configs, built as the search (n_trials > 0) or compress stage builds them, in phase order;
+    for a frontier (goal.frontier), as each point's run builds them (goal.speedup = the point)."""
+    if not cfg.goal.frontier:
+        return _check_one_plan(cfg, model, probe)
+    line = ""
+    for point in cfg.goal.frontier:
+        goal = cfg.goal.model_copy(update={"speedup": point, "frontier": None})
+        line = _check_one_plan(cfg.model_copy(update={"goal": goal}), model, probe)
+    return f"{line}; at each frontier point ({', '.join(f'{p:g}x' for p in cfg.goal.frontier)})"
+
+
+def _check_one_plan(cfg: PipelineConfig, model: Any, probe: Any) -> str:
     import torch
 
     if cfg.model.exported is not None:

@@ -126,9 +126,10 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
     pipeline = args.pipeline or registry.default_pipeline(args.workspace)
     if args.cmd == "promote":
-        done = registry.promote(pipeline, args.version, reason=args.reason, workspace=args.workspace)
+        done = registry.promote(pipeline, args.version, reason=args.reason, workspace=args.workspace,
+                                point=args.point)
     else:
-        done = registry.rollback(pipeline, reason=args.reason, workspace=args.workspace)
+        done = registry.rollback(pipeline, reason=args.reason, workspace=args.workspace, point=args.point)
     print(f"{done['model']}: champion v{done['from']} -> v{done['to']} ({done['action']} by {done['by']}: "
           f"{done['reason']}); recorded in MLflow run {done['mlflow_run']}")
     return 0
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="move the champion back to the previous champion (recorded)")
     for q in (pr, rb):
         q.add_argument("--pipeline", help="whose registered model (default: the only one in the workspace)")
+        q.add_argument("--point", help="a frontier point's registered model (goal.frontier), e.g. 3x")
         q.add_argument("--reason", default="", help="why, for the record")
         q.set_defaults(fn=_cmd_promote)
 

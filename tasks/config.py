@@ -133,6 +133,33 @@ class GoalConfig(_Strict):
         description="the device (infra/devices.yaml) whose latency the search costs: figures the benchmark "
         "measured there for an architecture are used; otherwise host: PyTorch eager here, RPC device: TVM on it",
     )
+    frontier: list[Annotated[float, Field(gt=1)]] | None = Field(
+        None,
+        description="several speedups (in `metric`) from one run, e.g. [2, 3, 5]: one compressed model per point, "
+        "each searched, fine-tuned, compiled, measured and registered as its own model "
+        "(shrinkflow-<pipeline>-<point>x), and a frontier plot of accuracy against MACs and measured latency; "
+        "instead of speedup",
+    )
+
+    @field_validator("frontier")
+    @classmethod
+    def _frontier_points(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if not 1 <= len(v) <= 8:
+            raise ValueError(f"give 1 to 8 frontier points (speedups), e.g. [2, 3, 5]; got {len(v)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"frontier points {v} repeat a value; give each speedup once")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _frontier_or_speedup(self) -> GoalConfig:
+        if self.frontier is not None and self.speedup is not None:
+            raise ValueError(
+                f"give goal.speedup ({self.speedup}) or goal.frontier ({self.frontier}), not both: a frontier run "
+                "sets each point's speedup itself"
+            )
+        return self
 
 
 class DistillConfig(_Strict):

@@ -183,8 +183,11 @@ class Fingerprint:
         return any(v is None for v in self.parts["external"].values())
 
 
-def fingerprint(stage: str, cfg: PipelineConfig, workspace: Path, upstream: dict[str, str]) -> Fingerprint:
-    """The stage's fingerprint from its config sections, upstream output digests, code and external inputs."""
+def fingerprint(stage: str, cfg: PipelineConfig, workspace: Path, upstream: dict[str, str],
+                registry_point: str | None = None) -> Fingerprint:
+    """The stage's fingerprint from its config sections, upstream output digests, code and external inputs.
+    A per-pipeline stage (register) of a frontier point run also keys on the point: it registers as the
+    point's own model, so it never reuses a plain run's registration of the same model."""
     s = spec(stage)
     parts: dict[str, Any] = {
         "config": config_parts(cfg, s.sections),
@@ -194,6 +197,8 @@ def fingerprint(stage: str, cfg: PipelineConfig, workspace: Path, upstream: dict
     }
     if s.per_pipeline:
         parts["pipeline"] = cfg.name
+        if registry_point:
+            parts["frontier_point"] = registry_point
     fp = Fingerprint(_json_digest({"format": FORMAT, "stage": stage, "parts": parts}), parts)
     if fp.volatile:  # never matches a stored one
         return Fingerprint(f"volatile-{uuid.uuid4().hex}", parts)

@@ -27,6 +27,12 @@ def plan_from_config(cfg: PipelineConfig) -> list[OpConfig]:
     for i, item in enumerate(cfg.compression.plan):
         item = dict(item)
         if item["op"] == "channel_prune" and not any(item.get(k) is not None for k in PRUNE_AMOUNT):
+            if goal.speedup is None and goal.frontier:
+                raise ConfigError(
+                    f"pipeline {cfg.name!r} has goal.frontier {goal.frontier}: each point's speedup is set by its "
+                    "own point run, which its DAG (shrinkflow run) starts: run the whole pipeline. For a single stage at one "
+                    "speedup (dvc repro, shrinkflow stage), declare a pipeline with goal.speedup."
+                )
             if goal.speedup is None:
                 raise ConfigError(
                     f"pipeline {cfg.name!r}: compression.plan[{i}] (channel_prune) prunes by how much? "

@@ -32,9 +32,9 @@ class RegistryError(ShrinkflowError):
     """A registry operation that cannot be done (unknown model or version, nothing to roll back to)."""
 
 
-def registered_name(pipeline: str) -> str:
-    """The registered model of a pipeline."""
-    return f"shrinkflow-{pipeline}"
+def registered_name(pipeline: str, point: str | None = None) -> str:
+    """The registered model of a pipeline; of one point of its frontier (goal.frontier), e.g. point '2x'."""
+    return f"shrinkflow-{pipeline}" + (f"-{point}" if point else "")
 
 
 def registry_paths(pipeline: str, workspace: str | os.PathLike | None = None) -> RunPaths:
@@ -189,16 +189,16 @@ def _record_run(paths: RunPaths, client: Any, entry: dict[str, Any], name: str) 
     return run.info.run_id
 
 
-def _model(client: Any, pipeline: str) -> str:
+def _model(client: Any, pipeline: str, point: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
-    name = registered_name(pipeline)
+    name = registered_name(pipeline, point)
     try:
         client.get_registered_model(name)
     except MlflowException as e:
-        raise RegistryError(f"no registered model {name!r} in this workspace's MLflow: pipeline {pipeline!r} "
-                            "has not registered a version yet (run it first), or pass the right --pipeline / "
-                            "--workspace") from e
+        what = f"pipeline {pipeline!r}" + (f" (frontier point {point})" if point else "")
+        raise RegistryError(f"no registered model {name!r} in this workspace's MLflow: {what} has not registered "
+                            "a version yet (run it first), or pass the right --pipeline / --point / --workspace") from e
     return name
 
 
@@ -224,11 +224,12 @@ def default_pipeline(workspace: str | os.PathLike | None = None) -> str:
 
 
 def promote(pipeline: str, version: str, *, reason: str = "", workspace: str | os.PathLike | None = None,
-            by: str | None = None) -> dict[str, Any]:
-    """Move the champion alias to `version` by hand; the old champion becomes previous-champion."""
+            by: str | None = None, point: str | None = None) -> dict[str, Any]:
+    """Move the champion alias to `version` by hand; the old champion becomes previous-champion.
+    `point`: the registered model of that frontier point (e.g. '3x') instead of the pipeline's."""
     paths = registry_paths(pipeline, workspace)
     client = client_for(paths)
-    name = _model(client, pipeline)
+    name = _model(client, pipeline, point)
     mv = _version(client, name, version)
     with registry_lock(paths.root, name):
         cur = alias_version(client, name, CHAMPION)
@@ -240,12 +241,12 @@ def promote(pipeline: str, version: str, *, reason: str = "", workspace: str | o
 
 
 def rollback(pipeline: str, *, reason: str = "", workspace: str | os.PathLike | None = None,
-             by: str | None = None) -> dict[str, Any]:
+             by: str | None = None, point: str | None = None) -> dict[str, Any]:
     """Move the champion alias back to previous-champion (undo the last forward move); the move before
-    it, if it brought that version in, gives the next previous-champion."""
+    it, if it brought that version in, gives the next previous-champion. `point`: as for promote."""
     paths = registry_paths(pipeline, workspace)
     client = client_for(paths)
-    name = _model(client, pipeline)
+    name = _model(client, pipeline, point)
     with registry_lock(paths.root, name):
         target = alias_version(client, name, PREVIOUS)
         if target is None:

@@ -148,7 +148,11 @@ NOTHING_CHANGED = "nothing changed; the champion stays"
 
 def print_run_summary(paths: RunPaths) -> None:
     state: dict[str, Any] = paths.read_state()
-    print(f"\nshrinkflow run {paths.pipeline}/{paths.run_id}: {len(state.get('stages', {}))}/8 stages done")
+    done = len(state.get("stages", {}))
+    if isinstance(state.get("frontier"), dict) and "points" in state["frontier"]:  # a frontier run: data and base
+        print(f"\nshrinkflow frontier run {paths.pipeline}/{paths.run_id}: {done} stages here, then one run per point")
+    else:
+        print(f"\nshrinkflow run {paths.pipeline}/{paths.run_id}: {done}/8 stages done")
     if rows := stage_rows(state):
         print(render_table(["stage", "ran / reused", "why"], rows))
     if nothing_changed(state):
@@ -158,6 +162,13 @@ def print_run_summary(paths: RunPaths) -> None:
         print(goal_line(paths))
     if line := search_line(paths):
         print(line)
+    if (f := paths.run_dir / "frontier" / "frontier.json").is_file():
+        from tasks.frontier import frontier_table
+
+        doc = read_json(f)
+        print(f"frontier: {len(doc['points'])} points, each its own run ({', '.join(p['run_id'] for p in doc['points'])})")
+        print(frontier_table(doc))
+        print(f"plot and report: {f.parent / 'frontier.png'}, {f.parent / 'report.md'}")
     for line in where_to_look(paths):
         print(line)
 

@@ -170,6 +170,11 @@ def parse_conf(conf: Mapping[str, Any] | None, cfg: PipelineConfig, stages: Sequ
     given = {name: conf[name] for name in GOAL_PARAMS if conf.get(name) is not None}
     if given:
         overrides = nest_overrides({**overrides, "goal": {**overrides.get("goal", {}), **given}})
+    if "frontier" in (overrides.get("goal") or {}):
+        raise ConfigError(
+            "goal.frontier cannot be changed for one run: its points shape the DAG (a task group per point). "
+            "Change it in pipelines.yaml, or trigger with speedup for a single point on a pipeline without a frontier"
+        )
     if conf.get("base_model"):
         if not isinstance(conf["base_model"], str):
             raise ConfigError(f"base_model {conf['base_model']!r} must be a string; it is {BASE_MODEL_HELP}")

@@ -24,6 +24,7 @@ from typing import Any
 
 from tasks.config import PipelineConfig
 from tasks.fingerprint import Fingerprint, explain, fingerprint, manifest
+from tasks.frontier import frontier_point
 from tasks.stage_specs import STAGES, downstream, spec
 from tasks.workspace import RunPaths, atomic_dir, read_json, write_json
 
@@ -110,7 +111,7 @@ def decide(stage: str, cfg: PipelineConfig, paths: RunPaths, state: dict[str, An
     ups = upstream_digests(stage, paths, state)
     if ups is None:  # an upstream stage has not run: the stage itself says which, clearly
         return Decision("run", "upstream not run")
-    fp = fingerprint(stage, cfg, paths.root, ups)
+    fp = fingerprint(stage, cfg, paths.root, ups, registry_point=frontier_point(state))
     mine = state.get("stages", {}).get(stage)
     if is_forced(stage, force):
         return Decision("run", "forced", fp)

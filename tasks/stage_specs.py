@@ -65,7 +65,7 @@ SPECS: dict[str, StageSpec] = {
         StageSpec(
             "register", ("prepare_data", "train_base", "search", "finetune", "compile", "benchmark"), ("promotion",),
             ("tasks/stages/register.py", "tasks/report.py", "tasks/serving.py", "tasks/champion.py", "tasks/gate.py",
-             "tasks/registry.py"),
+             "tasks/registry.py", "tasks/frontier.py"),
             per_pipeline=True,
         ),
     )

@@ -17,6 +17,7 @@ import numpy as np
 
 from tasks.champion import as_metrics, figures_table, side_by_side
 from tasks.context import StageContext
+from tasks.frontier import frontier_point
 from tasks.gate import Decision, Figures, decide
 from tasks.progress import say
 from tasks.registry import (
@@ -70,6 +71,12 @@ def build_package(ctx: StageContext, pkg: Path) -> None:
         "threads": ctx.cfg.benchmark.threads, "pipeline": ctx.paths.pipeline, "run_id": ctx.paths.run_id,
         "input": "float32 [N, C, H, W] normalised with mean/std (params pixels=true: raw 0-255 pixel values)",
     })
+
+
+def _latency_tags(ctx: StageContext) -> dict[str, str]:
+    """The benchmark's fastest engine and time per target and batch, as version tags (latency_ms.<target>.b<batch>)."""
+    return {f"latency_ms.{target}.b{b}": f"{v['median_ms']:.4g} ({v['engine']})"
+            for target, per in deployment(ctx).items() for b, v in per.items()}
 
 
 def _version(ctx: StageContext, client: Any, name: str, pkg: Path, digest: str, tags: dict[str, str]) -> Any:
@@ -170,17 +177,21 @@ def run(ctx: StageContext, out: Path) -> dict[str, Any]:
         tr.artifact(bench, on_parent=True)
 
     client = tr.client
-    name = registered_name(ctx.paths.pipeline)
+    point = frontier_point(ctx.paths.read_state())  # a frontier point registers as its own model
+    name = registered_name(ctx.paths.pipeline, point)
     try:
         client.get_registered_model(name)
     except Exception:  # MLflow raises for an unknown name; another worker may create it meanwhile
         try:
-            client.create_registered_model(name, description=f"compressed models of pipeline {ctx.paths.pipeline}")
+            what = f"the {point} point of pipeline {ctx.paths.pipeline}'s frontier" if point else f"pipeline {ctx.paths.pipeline}"
+            client.create_registered_model(name, description=f"compressed models of {what}")
         except Exception:
             client.get_registered_model(name)
     tags = {"test_accuracy": f"{fin['test_accuracy']:.4f}", "macs": str(fin["macs"]),
             "goal_met": str(fin["goal_met"]).lower(), "shrinkflow_run_id": ctx.paths.run_id,
-            "data_hash": ctx.data_info()["hash"]}
+            "data_hash": ctx.data_info()["hash"], **_latency_tags(ctx)}
+    if point:
+        tags["frontier_point"] = point
     with registry_lock(ctx.paths.root, name), tempfile.TemporaryDirectory(dir=out) as scratch:
         mv = _version(ctx, client, name, pkg, package_sha256(pkg), tags)
         champ = alias_version(client, name, CHAMPION)
