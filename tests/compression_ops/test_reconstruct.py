@@ -6,27 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from digits16 import accuracy, digits_split
 
 from compression_ops import ChannelPrune, OpData, apply
 from compression_ops.reconstruct import kept_channels
 from tasks.models import create_model
 
 X = torch.randn(1, 1, 16, 16)
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = torch.nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False)
-    x = (x - x.mean()) / x.std()
-    return x, torch.tensor(d.target)
-
-
-def _accuracy(model, x, y) -> float:
-    with torch.no_grad():
-        return float((model.eval()(x).argmax(1) == y).float().mean()) * 100
 
 
 def test_kept_channels_name_the_original_weights_each_pruned_layer_holds():
@@ -46,7 +32,7 @@ def test_kept_channels_name_the_original_weights_each_pruned_layer_holds():
 
 def test_a_refit_layer_matches_the_unpruned_outputs_better():
     torch.manual_seed(0)
-    x, y = _digits()
+    x, y, _, _ = digits_split()
     m = create_model("resnet8", in_channels=1, num_classes=10, width=16)
     data = OpData(example=x[:1], batches=[(x[i:i + 128], y[i:i + 128]) for i in range(0, 1024, 128)])
     plain = apply(m, ChannelPrune(target_macs_reduction=3.0, reconstruct=False), data).model.eval()
@@ -69,20 +55,17 @@ def test_a_trained_net_cut_to_5x_keeps_its_accuracy_before_fine_tuning():
     from compression_ops.finetune import TrainSpec, fit
 
     torch.manual_seed(0)
-    x, y = _digits()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    xtr, ytr, xte, yte = x[:1400], y[:1400], x[1400:], y[1400:]
+    xtr, ytr, xte, yte = digits_split()
     m = create_model("resnet8", in_channels=1, num_classes=10, width=16)
     batches = [(xtr[i:i + 64], ytr[i:i + 64]) for i in range(0, len(xtr), 64)]
     fit(m, batches, TrainSpec(epochs=12, lr=0.1, schedule="onecycle"))
-    base = _accuracy(m, xte, yte)
+    base = accuracy(m, xte, yte)
     assert base > 90
     data = OpData(example=xtr[:1], batches=batches)
     plain = apply(m, ChannelPrune(target_macs_reduction=5.0, reconstruct=False), data)
     rec = apply(m, ChannelPrune(target_macs_reduction=5.0, reconstruct=True), data)
     assert rec.report["macs_reduction"] >= 5.0
-    acc_plain, acc_rec = _accuracy(plain.model, xte, yte), _accuracy(rec.model, xte, yte)
+    acc_plain, acc_rec = accuracy(plain.model, xte, yte), accuracy(rec.model, xte, yte)
     print(f"base {base:.1f}%, cut to 5x: plain {acc_plain:.1f}%, reconstructed {acc_rec:.1f}%")
     assert acc_rec >= 0.5 * base
     assert acc_rec > acc_plain + 10

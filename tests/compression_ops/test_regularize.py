@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import torch
+from digits16 import accuracy, digits_split
 
 from compression_ops import ChannelPrune, OpConfigError, OpData, apply
 from compression_ops.finetune import TrainSpec, fit
@@ -16,22 +17,8 @@ from tasks.models import create_model
 
 
 @functools.cache
-def _digits_split():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = torch.nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    return x[:1400], y[:1400], x[1400:], y[1400:]
-
-
-@functools.cache
 def _trained() -> torch.nn.Module:
-    xtr, ytr, _, _ = _digits_split()
+    xtr, ytr, _, _ = digits_split()
     torch.manual_seed(0)
     m = create_model("resnet8", in_channels=1, num_classes=10, width=16)
     fit(m, _batches(), TrainSpec(epochs=12, lr=0.1, schedule="onecycle"))
@@ -39,17 +26,12 @@ def _trained() -> torch.nn.Module:
 
 
 def _batches():
-    xtr, ytr, _, _ = _digits_split()
+    xtr, ytr, _, _ = digits_split()
     return [(xtr[i:i + 64], ytr[i:i + 64]) for i in range(0, len(xtr), 64)]
 
 
-def _accuracy(model, x, y) -> float:
-    with torch.no_grad():
-        return float((model.eval()(x).argmax(1) == y).float().mean()) * 100
-
-
 def _data() -> OpData:
-    xtr, _, _, _ = _digits_split()
+    xtr, _, _, _ = digits_split()
     return OpData(example=xtr[:1], batches=_batches())
 
 
@@ -101,12 +83,12 @@ def test_bn_l1_shrinks_batchnorm_scales():
 @pytest.mark.slow
 def test_a_net_made_ready_keeps_its_accuracy_through_a_5x_cut():
     base = _trained()
-    _, _, xte, yte = _digits_split()
-    acc_base = _accuracy(base, xte, yte)
+    _, _, xte, yte = digits_split()
+    acc_base = accuracy(base, xte, yte)
     plain = apply(base, ChannelPrune(target_macs_reduction=5.0), _data())
     ready = apply(base, ChannelPrune(target_macs_reduction=5.0, regularize="grow", regularize_epochs=3), _data())
     assert ready.report["macs_reduction"] >= 5.0
-    acc_plain, acc_ready = _accuracy(plain.model, xte, yte), _accuracy(ready.model, xte, yte)
+    acc_plain, acc_ready = accuracy(plain.model, xte, yte), accuracy(ready.model, xte, yte)
     print(f"base {acc_base:.1f}%, cut to 5x: plain {acc_plain:.1f}%, grown ready {acc_ready:.1f}%")
     assert acc_ready >= 0.8 * acc_base
     assert acc_ready > acc_plain + 20
@@ -138,13 +120,13 @@ def test_global_ranking_meets_the_target_with_uneven_layers_and_caps_each_layer(
 
 def test_iterative_pruning_reaches_the_target_in_steps_and_counts_its_training():
     base = _trained()
-    _, _, xte, yte = _digits_split()
+    _, _, xte, yte = digits_split()
     res = apply(base, ChannelPrune(target_macs_reduction=4.0, steps=2, step_epochs=1), _data())
     rep = res.report
     assert rep["macs_reduction"] >= 4.0
     assert [s["step"] for s in rep["steps"]] == [1, 2]
     assert 1.7 < rep["steps"][0]["macs_reduction"] < 2.6  # about 4^(1/2) after the first cut
     assert rep["train_epochs"] == 1  # one fine-tune between the two cuts
-    assert _accuracy(res.model, xte, yte) > 15  # the net still computes after two cuts
+    assert accuracy(res.model, xte, yte) > 15  # the net still computes after two cuts
     with pytest.raises(OpConfigError, match="steps=3 prunes towards a MACs target"):
         ChannelPrune(ratio=0.5, steps=3)
