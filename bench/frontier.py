@@ -3,14 +3,21 @@ trained bases, at the same MACs reductions and the same total training budget, s
 
     .venv/bin/python bench/frontier.py [--nets resnet8_w16 resnet10_wide] [--ratios 2 3 5 9]
         [--methods ...] [--budget 3] [--train-fraction 1.0] [--base-epochs 15] [--noise-seeds 3]
-        [--out bench/results/frontier.json]
+        [--device cpu] [--no-latency] [--data-dir DIR] [--out bench/results/frontier.json]
 
-Data: Fashion-MNIST (Debian's dataset-fashion-mnist), the official 60k/10k split; accuracy is on the
-whole 10k test set. Bases: trained here once (15 epochs, the demo's recipe) and cached under
-.shrinkflow/bench/frontier/. Each method then gets `--budget` epochs over the training set in all (its
-sparse training before the cut counts), fine-tunes with the same SGD + cosine schedule at the same lr,
-and is cut to the same MACs as the others (the uniform ratio solved for the target; Torch-Pruning's
-MetaPruner reads the ratio the same way).
+Data: Fashion-MNIST (Debian's dataset-fashion-mnist, or the four idx .gz files in --data-dir), the
+official 60k/10k split; accuracy is on the whole 10k test set. Bases: trained here once (15 epochs, the
+demo's recipe) and cached under .shrinkflow/bench/frontier/ (as CPU state dicts, whichever device trained
+them). Device: --device cuda trains (bases, sparse and regularised epochs, fine-tunes, Taylor gradients)
+and scores accuracy on the GPU, and cuts there too; batches are read and augmented on the CPU as on a
+CPU run (same order), so only the arithmetic differs. Latency is always measured on the CPU, on CPU
+copies of the models (--no-latency skips it, and the plot's latency panel); bench/frontier_gpu.sh runs
+the bench on a GPU machine that lacks our venv.
+
+Each method gets `--budget` epochs over the training set in all (its sparse training before the cut
+counts), fine-tunes with the same SGD + cosine schedule at the same lr, and is cut to the same MACs as
+the others (the uniform ratio solved for the target; Torch-Pruning's MetaPruner reads the ratio the same
+way).
 
 Methods (each is what its authors' recipe does, scaled to the budget):
   sf_default      shrinkflow's default plan: channel_prune (l2, ratio solved for the target), KD fine-tune
@@ -32,7 +39,9 @@ Methods (each is what its authors' recipe does, scaled to the budget):
 Noise: sf_default at 5x on the first net is run with --noise-seeds seeds; their spread is the bar a
 lead must clear. Latency: batch 1, one thread, the best of PyTorch eager and ONNX Runtime (fp32) per
 model, timed interleaved with the base. "cut %" is the test accuracy right after the cut, before any
-fine-tuning. Prints a table, writes the JSON (--out) and a plot of the same name (.png).
+fine-tuning. Prints a table, writes the JSON (--out; rewritten after every finished row, atomically, so
+a run cut short keeps what it finished: "finished" says whether it ran to the end) and a plot of the
+same name (.png).
 """
 
 from __future__ import annotations
@@ -78,11 +87,13 @@ BATCH, FINETUNE_LR, BASE_LR = 128, 0.05, 0.2
 # ------------------------------------------------------------------ data and bases
 
 
-def fashion(train_fraction: float) -> tuple[TensorBatches, TensorBatches, torch.Tensor]:
+def fashion(train_fraction: float, data_dir: Path | None = None) -> tuple[TensorBatches, TensorBatches, torch.Tensor]:
     """(augmented shuffled train batches, test batches, one example image) of Fashion-MNIST, read and
-    normalised as the pipelines do (tasks.data: the fashion_mnist source, the training set's mean/std)."""
+    normalised as the pipelines do (tasks.data: the fashion_mnist source, the training set's mean/std).
+    The tensors stay on the CPU: fit() and evaluate() move each batch to the model's device."""
     try:
-        x_train, y_train, x_test, y_test, *_ = fashion_mnist(DataConfig(source="fashion_mnist"))
+        cfg = DataConfig(source="fashion_mnist", path=str(data_dir) if data_dir else None)
+        x_train, y_train, x_test, y_test, *_ = fashion_mnist(cfg)
     except DatasetError as e:
         raise SystemExit(str(e)) from None
     scaled = x_train.astype(np.float32) / 255.0
@@ -99,17 +110,21 @@ def accuracy(model: nn.Module, batches: TensorBatches) -> float:
     return evaluate(model, batches)["accuracy"]
 
 
-def trained_base(net: str, train: TensorBatches, test: TensorBatches, epochs: int, fraction: float) -> tuple[nn.Module, float]:
+def trained_base(net: str, train: TensorBatches, test: TensorBatches, epochs: int, fraction: float,
+                 device: torch.device) -> tuple[nn.Module, float]:
+    """The trained base on `device`: from the cache (CPU state dicts, so any device reads them) or trained."""
     path = CACHE / f"{net}-e{epochs}-f{fraction:g}.pt"
-    model = NETS[net]()
+    model = NETS[net]()  # initialised on the CPU: the same weights whatever the device
     if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.to(device)
     else:
         t0 = time.perf_counter()
+        model.to(device)
         fit(model, train, TrainSpec(epochs=epochs, lr=BASE_LR, schedule="onecycle", label_smoothing=0.05))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
         tmp.replace(path)
         print(f"  trained {net} in {time.perf_counter() - t0:.0f} s", flush=True)
     return model.eval(), accuracy(model, test)
@@ -131,7 +146,9 @@ class Ctx:
         return TrainSpec(epochs=epochs, lr=FINETUNE_LR, seed=self.seed)
 
     def calib(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [b for _, b in zip(range(8), self.train, strict=False)]
+        """8 training batches, on the base's device."""
+        dev = self.example.device
+        return [(x.to(dev), y.to(dev)) for _, (x, y) in zip(range(8), self.train, strict=False)]
 
 
 def _shrinkflow(regularize: str | None = None, *, lr: float = FINETUNE_LR, steps: int = 1,
@@ -168,7 +185,9 @@ def _ce_sparse_epoch(c: Ctx, model: nn.Module, pruner: Any) -> None:
     model.train()
     if hasattr(pruner, "update_regularizer"):
         pruner.update_regularizer()
+    dev = c.example.device
     for i, (x, y) in enumerate(c.train):
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,13 +256,15 @@ METHODS: dict[str, Callable[[Ctx], tuple[nn.Module, int]]] = {
 
 
 def latency_ms(models: dict[str, nn.Module], example: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Per model: eager and ONNX Runtime fp32 median ms at batch 1 on one thread, timed interleaved."""
+    """Per model: eager and ONNX Runtime fp32 median ms at batch 1 on one thread, timed interleaved; always
+    on the CPU (models on another device are timed as CPU copies)."""
     from tasks.engines.onnx_runtime import export_onnx, load_onnx
     from tasks.engines.timing import time_interleaved
 
+    models = {name: m if _on_cpu(m) else copy.deepcopy(m).cpu() for name, m in models.items()}
     torch.set_num_threads(1)
     fns: dict[tuple[str, str], Callable[[], object]] = {}
-    x = example[:1]
+    x = example[:1].cpu()
     xn = x.numpy()
     with tempfile.TemporaryDirectory() as tmp:
         for name, m in models.items():
@@ -267,7 +288,26 @@ def latency_ms(models: dict[str, nn.Module], example: torch.Tensor) -> dict[str,
     return out
 
 
+def _on_cpu(model: nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
 # ------------------------------------------------------------------ main
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": device.type, "torch": torch.__version__}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """Atomically: a run killed mid-write leaves the previous version, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -279,19 +319,42 @@ def main() -> None:
     ap.add_argument("--train-fraction", type=float, default=1.0)
     ap.add_argument("--base-epochs", type=int, default=15)
     ap.add_argument("--noise-seeds", type=int, default=3)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where training and accuracy run (latency is always measured on the CPU)")
+    ap.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure CPU latency per model (eager and ONNX Runtime); --no-latency skips it")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="a folder holding Fashion-MNIST's four idx .gz files (default: Debian's, "
+                         "/usr/share/datasets/fashion-mnist)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "frontier.json")
     args = ap.parse_args()
     if args.budget < 2:
         raise SystemExit("--budget must be at least 2 epochs (sparse training takes 1)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    train, test, example = fashion(args.train_fraction)
+    train, test, example = fashion(args.train_fraction, args.data_dir)
+    example = example.to(device)  # cuts, MACs counts and ratio solving run on the models' device
     rows: list[dict[str, Any]] = []
     noise: dict[str, Any] = {}
+    bases: dict[str, dict[str, Any]] = {}
     t_start = time.perf_counter()
-    print(f"Fashion-MNIST, {len(train.y)} training images, budget {args.budget} epochs per method", flush=True)
+
+    def result(finished: bool) -> dict[str, Any]:
+        return {"dataset": "fashion_mnist", "train_images": len(train.y), "budget_epochs": args.budget,
+                "base_epochs": args.base_epochs, **device_info(device), "latency": args.latency,
+                "finished": finished, "bases": bases, "rows": rows, "noise": noise,
+                "minutes": (time.perf_counter() - t_start) / 60,
+                "command": "bench/frontier.py " + " ".join(sys.argv[1:])}
+
+    print(f"Fashion-MNIST, {len(train.y)} training images, budget {args.budget} epochs per method, "
+          f"on {device_info(device).get('device_name', args.device)}", flush=True)
     for net in args.nets:
-        base, base_acc = trained_base(net, train, test, args.base_epochs, args.train_fraction)
+        base, base_acc = trained_base(net, train, test, args.base_epochs, args.train_fraction, device)
         macs0, params0 = count_macs(base, example), count_params(base)
+        bases[net] = {"accuracy": base_acc, "macs": macs0, "params": params0}
+        write_json(args.out, result(False))
         print(f"\n{net}: base {base_acc:.2f}% ({params0 / 1e3:.0f} k params, {macs0 / 1e6:.1f} M MACs)", flush=True)
         print(f"  {'target':>6s} {'method':16s} {'MACs x':>7s} {'cut %':>7s} {'acc %':>7s} {'drop':>6s} {'epochs':>6s} "
               f"{'min':>5s}")
@@ -323,21 +386,23 @@ def main() -> None:
                              "stdev": statistics.stdev(accs), "range": max(accs) - min(accs)}
                     print(f"  noise: sf_default at {target:g}x over {len(accs)} seeds: stdev {noise['stdev']:.2f} pt, "
                           f"range {noise['range']:.2f} pt", flush=True)
-        lat = latency_ms(models, example)
-        for row in rows:
-            if row["net"] == net:
-                row["latency_ms"] = lat[f"{row['method']}@{row['target']:g}"]
-        rows.append({"net": net, "method": "base", "target": 1.0, "macs": macs0, "macs_reduction": 1.0,
-                     "params": params0, "accuracy": base_acc, "drop": 0.0, "train_epochs": args.base_epochs,
-                     "latency_ms": lat["base"]})
-    result = {"dataset": "fashion_mnist", "train_images": len(train.y), "budget_epochs": args.budget,
-              "base_epochs": args.base_epochs, "rows": rows, "noise": noise,
-              "minutes": (time.perf_counter() - t_start) / 60,
-              "command": "bench/frontier.py " + " ".join(sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    summary(result)
-    plot(result, args.out.with_suffix(".png"))
+                write_json(args.out, result(False))
+        base_row = {"net": net, "method": "base", "target": 1.0, "macs": macs0, "macs_reduction": 1.0,
+                    "params": params0, "accuracy": base_acc, "drop": 0.0, "train_epochs": args.base_epochs}
+        if args.latency:
+            t0 = time.perf_counter()
+            lat = latency_ms(models, example)
+            for row in rows:
+                if row["net"] == net:
+                    row["latency_ms"] = lat[f"{row['method']}@{row['target']:g}"]
+            base_row["latency_ms"] = lat["base"]
+            print(f"  latency of {len(models)} models measured in {time.perf_counter() - t0:.0f} s", flush=True)
+        rows.append(base_row)
+        write_json(args.out, result(False))
+    final = result(True)
+    write_json(args.out, final)
+    summary(final)
+    plot(final, args.out.with_suffix(".png"))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 
 
@@ -369,24 +434,30 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     nets = sorted({r["net"] for r in result["rows"]})
-    fig, axes = plt.subplots(len(nets), 2, figsize=(11, 4.2 * len(nets)), squeeze=False)
+    lat = all("latency_ms" in r for r in result["rows"])  # --no-latency: the MACs panel alone
+    cols = 2 if lat else 1
+    fig, axes = plt.subplots(len(nets), cols, figsize=(5.5 * cols, 4.2 * len(nets)), squeeze=False)
     for i, net in enumerate(nets):
         rows = [r for r in result["rows"] if r["net"] == net]
         for method in sorted({r["method"] for r in rows} - {"base"}):
             rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["macs"])
             style = "-o" if method.startswith("sf_") else "--x"
             axes[i][0].plot([r["macs"] / 1e6 for r in rs], [r["accuracy"] for r in rs], style, label=method)
-            axes[i][1].plot([r["latency_ms"]["best"] for r in rs], [r["accuracy"] for r in rs], style, label=method)
+            if lat:
+                axes[i][1].plot([r["latency_ms"]["best"] for r in rs], [r["accuracy"] for r in rs], style,
+                                label=method)
         base = next(r for r in rows if r["method"] == "base")
-        for ax, x in ((axes[i][0], base["macs"] / 1e6), (axes[i][1], base["latency_ms"]["best"])):
+        points = [(axes[i][0], base["macs"] / 1e6)] + ([(axes[i][1], base["latency_ms"]["best"])] if lat else [])
+        for ax, x in points:
             ax.plot([x], [base["accuracy"]], "k*", markersize=12, label="base")
             ax.set_ylabel("test accuracy %")
             ax.grid(alpha=0.3)
         axes[i][0].set_xlabel("MACs (M)")
-        axes[i][1].set_xlabel("latency ms (batch 1, 1 thread, best engine)")
         axes[i][0].set_title(f"{net}: accuracy against MACs")
-        axes[i][1].set_title(f"{net}: accuracy against measured latency")
-        axes[i][1].legend(fontsize=7)
+        if lat:
+            axes[i][1].set_xlabel("latency ms (batch 1, 1 thread, best engine)")
+            axes[i][1].set_title(f"{net}: accuracy against measured latency")
+        axes[i][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -70,6 +70,7 @@ class FeatureHint:
         self.adapter = nn.Linear(s_lin.in_features, t_lin.in_features, bias=False)
         if s_lin.in_features == t_lin.in_features:
             nn.init.eye_(self.adapter.weight)
+        self.adapter.to(s_lin.weight.device)  # initialised on the CPU (the same draws there), then moved
         self._feats: dict[str, torch.Tensor] = {}
         self._handles = [
             s_lin.register_forward_pre_hook(lambda _m, args: self._feats.__setitem__("s", args[0])),
@@ -125,6 +126,7 @@ class AttentionTransfer:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor):
         names = stage_ends(teacher, x)
+        self.device = x.device
         s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
         self.points = [n for n in names if n in s_mods]
         self._feats: dict[tuple[str, str], torch.Tensor] = {}
@@ -135,7 +137,7 @@ class AttentionTransfer:
                     lambda _m, _i, out, key=(side, n): self._feats.__setitem__(key, out)))
 
     def loss(self) -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         for n in self.points:
             s, t = self._feats[("s", n)], self._feats[("t", n)].detach()
             if s.shape[2:] == t.shape[2:]:

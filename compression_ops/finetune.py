@@ -4,6 +4,7 @@ progress through `wrap_epoch` (e.g. a progress bar) and `on_epoch` (e.g. metric 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,20 +51,32 @@ def channels_last_safe(*models: nn.Module) -> bool:
     return all(m.out_channels >= 8 for model in models for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer): where fit() and evaluate() put each batch."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def evaluate(model: nn.Module, batches: Batches) -> dict[str, float]:
-    """Top-1 accuracy in percent and mean cross-entropy."""
+    """Top-1 accuracy in percent and mean cross-entropy. Batches may live on the CPU: each is moved to
+    the model's device."""
     model.eval()
-    correct = total = 0
-    loss = 0.0
+    device = model_device(model)
+    total = 0
+    # summed on the device (float64, exact for the counts) and read once: no host sync per batch
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.inference_mode():
         for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(x)
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
+            loss += F.cross_entropy(out, y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum()
             total += len(y)
     if total == 0:
         raise ValueError("evaluate() got no batches")
-    return {"accuracy": 100.0 * correct / total, "loss": loss / total, "n": total}
+    return {"accuracy": 100.0 * int(correct) / total, "loss": float(loss) / total, "n": total}
 
 
 def fit(
@@ -82,11 +95,19 @@ def fit(
 
     Returns one dict per epoch (train loss, train accuracy, val accuracy when `val` is given).
     `hooks` keep compression constraints (masks, codebooks, fake-quant ranges) in force while training.
+    Trains on the device of the model's first parameter (CPU or CUDA); batches may come from the CPU and
+    are moved there, and the teacher must already live on that device (a ValueError otherwise).
     """
     if spec.epochs == 0:
         return []
     torch.manual_seed(spec.seed)
     use_kd = teacher is not None and distill is not None
+    device = model_device(model)
+    if use_kd and model_device(teacher) != device:
+        raise ValueError(
+            f"the teacher is on {model_device(teacher)} and the student on {device}: move the teacher to the "
+            f"student's device (teacher.to({str(device)!r})) before fit()"
+        )
     layout = _to_cl if channels_last_safe(model, *([teacher] if use_kd else [])) else (lambda x: x)
     if layout is _to_cl:
         model.to(memory_format=torch.channels_last)
@@ -118,13 +139,17 @@ def fit(
     try:
         for epoch in range(spec.epochs):
             model.train()
-            seen = correct = 0
-            total_loss = 0.0
+            seen = 0
+            # summed on the device and read once per epoch: no host sync per step (float64: the same
+            # sum as adding Python floats)
+            total_loss = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
             it = wrap_epoch(train, epoch) if wrap_epoch else train
             for x, y in it:
                 for h in hooks:
                     h.before_step(step, steps)
-                x = layout(x)
+                x = layout(x.to(device, non_blocking=True))
+                y = y.to(device, non_blocking=True)
                 if use_kd and distill.attention_weight > 0 and attend is None:
                     attend = AttentionTransfer(model, teacher, x)
                 out = model(x)
@@ -146,9 +171,10 @@ def fit(
                     h.after_step(step, steps)
                 step += 1
                 seen += len(y)
-                total_loss += float(loss.detach()) * len(y)
-                correct += int((out.argmax(1) == y).sum())
-            row = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": 100.0 * correct / seen}
+                total_loss += loss.detach().double() * len(y)
+                correct += (out.argmax(1) == y).sum()
+            row = {"epoch": epoch + 1, "train_loss": float(total_loss) / seen,
+                   "train_accuracy": 100.0 * int(correct) / seen}
             if val is not None:
                 row["val_accuracy"] = evaluate(model, val)["accuracy"]
             history.append(row)

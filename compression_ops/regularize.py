@@ -44,6 +44,12 @@ class Slice:
     dim: int
     idx: torch.Tensor  # positions along `dim`
     root: torch.Tensor  # the group root's channel each position belongs to
+    roots: int = -1  # how many root channels, max(root) + 1: read once here, not at every step
+
+    def __post_init__(self) -> None:  # the indices follow the weights' device (CUDA training)
+        self.idx, self.root = self.idx.to(self.param.device), self.root.to(self.param.device)
+        if self.roots < 0:
+            self.roots = int(self.root.max()) + 1 if self.root.numel() else 0
 
 
 def _group_slices(group: Any, graph: Any) -> list[Slice]:
@@ -76,8 +82,8 @@ def group_norms(groups: list[list[Slice]]) -> list[torch.Tensor]:
     """Per group, the L2 norm of each root channel's weights across all its slices."""
     norms = []
     for slices in groups:
-        n = int(max(int(s.root.max()) for s in slices)) + 1 if slices else 0
-        sq = torch.zeros(n)
+        n = max(s.roots for s in slices) if slices else 0
+        sq = torch.zeros(n, device=slices[0].param.device if slices else None)
         with torch.no_grad():
             for s in slices:
                 w = s.param.detach().index_select(s.dim, s.idx).float()
