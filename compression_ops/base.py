@@ -48,13 +48,14 @@ class TrainHook:
     """Keeps an op's constraint during fine-tuning; `fit(..., hooks=[...])` calls these around each step.
 
     `before_step` runs before the forward pass (e.g. raise sparsity on a schedule); `after_step` runs
-    after the optimizer step (e.g. re-apply masks, re-tie codebook weights). `step` counts from 0.
+    after the optimizer step (e.g. re-apply masks, re-tie codebook weights, a proximal step), with the
+    learning rate that step used (None when the caller has none). `step` counts from 0.
     """
 
     def before_step(self, step: int, total_steps: int) -> None:
         pass
 
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, total_steps: int, lr: float | None = None) -> None:
         pass
 
     def finish(self) -> dict[str, Any]:

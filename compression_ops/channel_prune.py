@@ -495,12 +495,8 @@ def _regularize(base: nn.Module, model: nn.Module, cfg: ChannelPrune, ratio: flo
     before = group_norms(groups)
     bn_before = [bn.weight.detach().abs().clone() for bn in bns]
     spec = TrainSpec(epochs=cfg.regularize_epochs, lr=cfg.regularize_lr, schedule="cosine")
-
-    def lr_at(step: int, total: int) -> float:  # the cosine schedule fit() follows
-        return 0.5 * spec.lr * (1.0 + math.cos(math.pi * step / max(total, 1)))
-
     strength = cfg.regularize_strength if cfg.regularize_strength is not None else DEFAULT_STRENGTH[cfg.regularize]
-    hook = Regularizer(cfg.regularize, strength, groups, bns, lr_at)
+    hook = Regularizer(cfg.regularize, strength, groups, bns)
     teacher = copy.deepcopy(base).eval()  # apply() leaves its input untouched, memory format included
     history = fit(model, data.batches, spec, teacher=teacher, distill=Distill(), hooks=[hook])
     out = {"method": cfg.regularize, "strength": strength, "epochs": cfg.regularize_epochs,

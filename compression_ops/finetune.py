@@ -165,10 +165,11 @@ def fit(
                     loss = F.cross_entropy(out, y, label_smoothing=spec.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                lr = opt.param_groups[0]["lr"]  # this step's, before the schedule moves it
                 opt.step()
                 sched.step()
                 for h in hooks:
-                    h.after_step(step, steps)
+                    h.after_step(step, steps, lr)
                 step += 1
                 seen += len(y)
                 total_loss += loss.detach().double() * len(y)

@@ -151,7 +151,7 @@ class CodebookHook(TrainHook):
     def centroids(self) -> dict[str, torch.Tensor]:
         return {n: layer.centroids for n, layer in self.layers.items()}
 
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, total_steps: int, lr: float | None = None) -> None:
         for layer in self.layers.values():
             layer.update()
 

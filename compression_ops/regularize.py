@@ -106,15 +106,17 @@ def _scale_slices(slices: Iterable[Slice], factor: torch.Tensor | float) -> None
 
 
 class Regularizer(TrainHook):
-    """The proximal step of one method, after every optimizer step of fit(); `lr_at(step, total)` is the
-    learning rate the step used (group_lasso and bn_l1 shrink by lr x strength)."""
+    """The proximal step of one method, after every optimizer step of fit(): group_lasso and bn_l1 shrink
+    by the step's learning rate x strength (fit() passes it), grow by its own schedule."""
 
-    def __init__(self, method: str, strength: float, groups: list[list[Slice]], bns: list[nn.Module], lr_at: Any):
+    def __init__(self, method: str, strength: float, groups: list[list[Slice]], bns: list[nn.Module]):
         if method not in METHODS:
             raise ValueError(f"regularize={method!r}: expected one of {', '.join(METHODS)}")
-        self.method, self.strength, self.groups, self.bns, self.lr_at = method, strength, groups, bns, lr_at
+        self.method, self.strength, self.groups, self.bns = method, strength, groups, bns
 
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, total_steps: int, lr: float | None = None) -> None:
+        if lr is None and self.method != "grow":
+            raise ValueError(f"regularize={self.method!r} needs the step's learning rate: call after_step(step, total, lr)")
         if self.method == "grow":
             # the decay ramps up linearly over the first half, then holds: its sum over the run is strength
             half = max(1, total_steps // 2)
@@ -122,11 +124,11 @@ class Regularizer(TrainHook):
             decay = min(0.5, peak * min(1.0, (step + 1) / half))
             _scale_slices((s for g in self.groups for s in g), 1.0 - decay)
         elif self.method == "group_lasso":
-            tau = self.lr_at(step, total_steps) * self.strength
+            tau = lr * self.strength
             for slices, norm in zip(self.groups, group_norms(self.groups), strict=True):
                 _scale_slices(slices, torch.clamp(1.0 - tau / norm.clamp_min(1e-12), min=0.0))
         else:  # bn_l1: soft-threshold the BN scales
-            tau = self.lr_at(step, total_steps) * self.strength
+            tau = lr * self.strength
             with torch.no_grad():
                 for bn in self.bns:
                     w = bn.weight

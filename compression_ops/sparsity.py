@@ -231,7 +231,7 @@ class SparsityHook(TrainHook):
         self.history.append((step, s))
         _apply_masks(self.layers, self.masks)
 
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, total_steps: int, lr: float | None = None) -> None:
         _apply_masks(self.layers, self.masks)
 
     def finish(self) -> dict[str, Any]:
