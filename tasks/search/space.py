@@ -35,9 +35,12 @@ from tasks.plan import PRUNE_AMOUNT
 QAT_BITS = [2, 3, 4, 5, 6, 8]
 
 
-# `regularize: search` in a channel_prune entry lets the search choose among these (none: cut as it is).
+# `regularize: search` in a channel_prune entry lets the search choose among these (none: cut as it is);
+# `steps: search` between one cut and two (iterative); `global_ranking: search` between the searched
+# per-group shape and Torch-Pruning's global ranking (per-layer cap max_layer_ratio).
 SEARCHED = "search"
 REGULARIZE_CHOICES = ["none", "grow", "group_lasso"]
+STEPS_CHOICES = [1, 2]
 
 
 @dataclasses.dataclass
@@ -118,6 +121,19 @@ class SearchSpace:
                 # whether (and how) to make the net ready before the cut: each choice costs its trial
                 # regularize_epochs of training, counted in the trial's budget
                 self._add(Param("prune.regularize", "categorical", choices=REGULARIZE_CHOICES, default="none"))
+            if op == "channel_prune" and e.get("steps") == SEARCHED:
+                if goal.speedup is None or goal.metric != "macs" or any(e.get(k) is not None for k in PRUNE_AMOUNT):
+                    raise ConfigError(
+                        f"pipeline {cfg.name!r}: compression.plan[{i}] (channel_prune) has steps: search, but "
+                        "iterative pruning cuts towards a MACs target: set goal.speedup with goal.metric: macs "
+                        "(and no ratio in the entry), or a fixed steps: 1")
+                self._add(Param("prune.steps", "categorical", choices=STEPS_CHOICES, default=1))
+            if op == "channel_prune" and e.get("global_ranking") == SEARCHED:
+                if e.get("layer_scale") or e.get("per_layer"):
+                    raise ConfigError(
+                        f"pipeline {cfg.name!r}: compression.plan[{i}] (channel_prune) has global_ranking: search "
+                        "and a fixed layer_scale / per_layer: global ranking sets the shape itself; drop one")
+                self._add(Param("prune.global", "categorical", choices=[False, True], default=False))
             if op == "channel_prune" and not any(e.get(k) is not None for k in PRUNE_AMOUNT):
                 if goal.speedup is None or self.multi_objective:
                     if not (self.multi_objective or goal.size_mb or goal.latency_ms):
@@ -266,8 +282,14 @@ class SearchSpace:
         if op == "channel_prune" and e.get("regularize") == SEARCHED:
             choice = point.get("prune.regularize", "none")
             e["regularize"] = None if choice == "none" else choice
+        if op == "channel_prune" and e.get("steps") == SEARCHED:
+            e["steps"] = int(point.get("prune.steps", 1))
+        if op == "channel_prune" and e.get("global_ranking") == SEARCHED:
+            e["global_ranking"] = bool(point.get("prune.global", False))
         if op == "channel_prune" and not any(e.get(k) is not None for k in PRUNE_AMOUNT):
-            if "prune.shape_power" in point:
+            if e.get("global_ranking") is True:
+                pass  # the ranking across layers gives the shape: no per-group scales
+            elif "prune.shape_power" in point:
                 e["layer_scale"] = {k: round(v, 4) for k, v in self._shape(float(point["prune.shape_power"])).items()}
             elif not e.get("layer_scale"):
                 e["layer_scale"] = {g[0]: round(float(point[f"prune.scale.{g[0]}"]), 4) for g in self.groups}

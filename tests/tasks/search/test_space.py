@@ -193,3 +193,23 @@ def test_regularize_search_without_a_search_names_the_fix() -> None:
     cfg = _cfg(plan=[{"op": "channel_prune", "regularize": "search"}], search={"n_trials": 0})
     with pytest.raises(ConfigError, match="regularize: search, but there is no search"):
         plan_from_config(cfg)
+
+
+def test_steps_and_global_ranking_can_be_searched() -> None:
+    entry = {"op": "channel_prune", "steps": "search", "global_ranking": "search"}
+    space = SearchSpace(_cfg(plan=[entry]), _model(), X)
+    assert space.params["prune.steps"].choices == [1, 2] and space.params["prune.global"].choices == [False, True]
+    plain = space.build(space.defaults())[0][0]
+    assert plain.steps == 1 and plain.global_ranking is False and plain.layer_scale  # the searched shape
+    both = space.build(space.defaults() | {"prune.steps": 2, "prune.global": True})[0][0]
+    assert both.steps == 2 and both.global_ranking is True and not both.layer_scale
+    assert both.target_macs_reduction == 3.0
+
+
+def test_searched_steps_need_a_macs_target_and_a_search() -> None:
+    from tasks.plan import plan_from_config
+
+    with pytest.raises(ConfigError, match="steps: search, but iterative pruning cuts towards a MACs target"):
+        SearchSpace(_cfg(plan=[{"op": "channel_prune", "steps": "search"}], goal={"speedup": 2.0}), _model(), X)
+    with pytest.raises(ConfigError, match="global_ranking: search, but there is no search"):
+        plan_from_config(_cfg(plan=[{"op": "channel_prune", "global_ranking": "search"}], search={"n_trials": 0}))
