@@ -214,7 +214,7 @@ def _table_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for r in doc["points"]:
         reg = r["registered"]
         rows.append([
-            r["label"], f"{r['test_accuracy']:.2f}", f"{r['accuracy_drop']:+.2f}", f"{r['macs_reduction']:.2f}x",
+            r["label"], f"{r['test_accuracy']:.2f}", f"{r['accuracy_drop']:.2f}", f"{r['macs_reduction']:.2f}x",
             "met" if r["goal_met"] else "missed",
             *(f"{r['latency'][t]['median_ms']:.3f} ({r['latency'][t]['speedup']:.2f}x)" if t in r["latency"] else "-"
               for t in targets),
@@ -273,9 +273,3 @@ def plot_frontier(doc: dict[str, Any], path: Path) -> Path:
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{doc['pipeline']}/{doc['run_id']}: frontier", fontsize=10)
     return _save(plt, fig, path)
-
-
-def frontier_folder(paths: Any) -> Path | None:
-    """R's frontier/ folder when it has been collected."""
-    f = paths.run_dir / FOLDER
-    return f if (f / "frontier.json").is_file() else None
