@@ -4,6 +4,7 @@ trained bases, at the same MACs reductions and the same total training budget, s
     .venv/bin/python bench/frontier.py [--nets resnet8_w16 resnet10_wide] [--ratios 2 3 5 9]
         [--methods ...] [--budget 3] [--train-fraction 1.0] [--base-epochs 15] [--noise-seeds 3]
         [--device cpu] [--no-latency] [--data-dir DIR] [--out bench/results/frontier.json]
+    .venv/bin/python bench/frontier.py --merge RUN.json [RUN.json ...] --out MERGED.json
 
 Data: Fashion-MNIST (Debian's dataset-fashion-mnist, or the four idx .gz files in --data-dir), the
 official 60k/10k split; accuracy is on the whole 10k test set. Bases: trained here once (15 epochs, the
@@ -27,6 +28,8 @@ Methods (each is what its authors' recipe does, scaled to the budget):
   sf_group_lasso  channel_prune with regularize: group_lasso (1 epoch), then KD fine-tune
   sf_iterative    channel_prune in 2 steps (steps: 2) with 1 KD epoch between, then KD fine-tune
   sf_attention    sf_default with attention transfer at the stage ends (attention_weight 1000)
+  sf_kd03         sf_default with the KD term's weight at 0.3 (default 0.7)
+  sf_ce           shrinkflow's cut, fine-tuned with cross-entropy alone (no teacher)
   tp_l1           uniform L1 (MetaPruner + MagnitudeImportance(p=1)), cross-entropy fine-tune: the
                   20-line recipe
   tp_magnitude    MetaPruner + GroupMagnitudeImportance(p=2), cross-entropy fine-tune
@@ -152,7 +155,8 @@ class Ctx:
 
 
 def _shrinkflow(regularize: str | None = None, *, lr: float = FINETUNE_LR, steps: int = 1,
-                attention: float = 0.0) -> Callable[[Ctx], tuple[nn.Module, int]]:
+                attention: float = 0.0, alpha: float | None = None) -> Callable[[Ctx], tuple[nn.Module, int]]:
+    """alpha: the KD term's weight (None: Distill's default, 0.7; 0: cross-entropy alone, no teacher)."""
     def run(c: Ctx) -> tuple[nn.Module, int]:
         inside = (1 if regularize else 0) + (steps - 1)  # epochs the op trains: regularising, between cuts
         cfg = ChannelPrune(target_macs_reduction=c.target, importance="l2", regularize=regularize,
@@ -162,7 +166,8 @@ def _shrinkflow(regularize: str | None = None, *, lr: float = FINETUNE_LR, steps
         model = res.model
         c.after_cut = accuracy(model, c.test)
         spec = TrainSpec(epochs=c.budget - inside, lr=lr, seed=c.seed)
-        fit(model, c.train, spec, teacher=c.base, distill=Distill(attention_weight=attention))
+        kd = None if alpha == 0 else Distill(attention_weight=attention, **({} if alpha is None else {"alpha": alpha}))
+        fit(model, c.train, spec, teacher=c.base if kd else None, distill=kd)
         return model, res.report["train_epochs"] + spec.epochs
 
     return run
@@ -243,6 +248,8 @@ METHODS: dict[str, Callable[[Ctx], tuple[nn.Module, int]]] = {
     "sf_group_lasso": _shrinkflow("group_lasso"),
     "sf_iterative": _shrinkflow(steps=2),
     "sf_attention": _shrinkflow(attention=1000.0),
+    "sf_kd03": _shrinkflow(alpha=0.3),
+    "sf_ce": _shrinkflow(alpha=0.0),
     "tp_l1": _torch_pruning("l1"),
     "tp_magnitude": _torch_pruning("magnitude"),
     "tp_taylor": _torch_pruning("taylor"),
@@ -327,7 +334,12 @@ def main() -> None:
                     help="a folder holding Fashion-MNIST's four idx .gz files (default: Debian's, "
                          "/usr/share/datasets/fashion-mnist)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "frontier.json")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="no training: merge these runs' JSONs (same bases, same budget) into --out, with the "
+                         "summary and the plot")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.budget < 2:
         raise SystemExit("--budget must be at least 2 epochs (sparse training takes 1)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -406,9 +418,49 @@ def main() -> None:
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 
 
+def merge(files: list[Path], out: Path) -> None:
+    """Several runs' JSONs (e.g. bench/frontier_gpu_sweep.sh's, one per net and ratio, on the same bases and
+    budget; a run cut short counts with the rows it finished) as one result: table, summary, JSON and plot."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    budgets = {r["budget_epochs"] for r in runs}
+    if len(budgets) != 1:
+        raise SystemExit(f"--merge: the runs have different budgets ({sorted(budgets)}): merge one budget at a time")
+    rows = [row for r in runs for row in r["rows"] if row["method"] != "base"]
+    bases: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        for net, b in r.get("bases", {}).items():
+            if net in bases and abs(bases[net]["accuracy"] - b["accuracy"]) > 1e-9:
+                raise SystemExit(f"--merge: {net}'s base differs between the runs ({bases[net]['accuracy']} vs "
+                                 f"{b['accuracy']}): merge runs on the same cached bases only")
+            bases.setdefault(net, b)
+    lat = all("latency_ms" in row for row in rows)
+    for net, b in bases.items():
+        base_rows = [row for r in runs for row in r["rows"] if row["method"] == "base" and row["net"] == net]
+        rows.append(base_rows[0] if base_rows and lat else {
+            "net": net, "method": "base", "target": 1.0, "macs": b["macs"], "macs_reduction": 1.0,
+            "params": b["params"], "accuracy": b["accuracy"], "drop": 0.0})
+    noise_by_net = {r["noise"]["net"]: r["noise"] for r in runs if r.get("noise")}
+    noise = max(noise_by_net.values(), key=lambda n: n["stdev"], default={})
+    first = runs[0]
+    result = {k: first.get(k) for k in ("dataset", "train_images", "budget_epochs", "base_epochs", "device",
+                                         "device_name", "torch")}
+    result.update(latency=lat, finished=all(r.get("finished", True) for r in runs), bases=bases, rows=rows,
+                  noise=noise, noise_by_net=noise_by_net, merged_from=[str(f) for f in files],
+                  commands=[r.get("command") for r in runs])
+    print(f"{'net':14s} {'target':>6s} {'method':16s} {'MACs x':>7s} {'cut %':>7s} {'acc %':>7s} {'drop':>6s}")
+    for row in sorted(rows, key=lambda r: (r["net"], r["target"], -r["accuracy"])):
+        if row["method"] != "base":
+            print(f"{row['net']:14s} {row['target']:5g}x {row['method']:16s} {row['macs_reduction']:6.2f}x "
+                  f"{row.get('accuracy_after_cut', float('nan')):7.2f} {row['accuracy']:7.2f} {row['drop']:+6.2f}")
+    write_json(out, result)
+    summary(result)
+    plot(result, out.with_suffix(".png"))
+
+
 def summary(result: dict[str, Any]) -> None:
     """Per net and target: the best shrinkflow method against the best Torch-Pruning recipe."""
     noise = result["noise"].get("stdev")
+    by_net = {net: n["stdev"] for net, n in result.get("noise_by_net", {}).items()}
     print("\nbest shrinkflow vs best Torch-Pruning recipe (accuracy %, drop from base in pt):")
     by: dict[tuple[str, float], list[dict]] = {}
     for r in result["rows"]:
@@ -420,9 +472,10 @@ def summary(result: dict[str, Any]) -> None:
         if sf and tp:
             lead = sf["accuracy"] - tp["accuracy"]
             verdict = ""
-            if noise is not None:  # a lead counts when it passes twice the seed-to-seed stdev
-                verdict = " (ahead beyond noise)" if lead > 2 * noise else (
-                    " (behind beyond noise)" if lead < -2 * noise else " (within noise)")
+            sd = by_net.get(net, noise)  # the net's own seed noise where it was measured
+            if sd is not None:  # a lead counts when it passes twice the seed-to-seed stdev
+                verdict = " (ahead beyond noise)" if lead > 2 * sd else (
+                    " (behind beyond noise)" if lead < -2 * sd else " (within noise)")
             print(f"  {net} {target:g}x: {sf['method']} {sf['accuracy']:.2f} (drop {sf['drop']:+.2f}) vs "
                   f"{tp['method']} {tp['accuracy']:.2f} (drop {tp['drop']:+.2f}): lead {lead:+.2f} pt{verdict}")
 
