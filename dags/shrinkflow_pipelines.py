@@ -164,7 +164,8 @@ def _point_start(pipeline: str, config_path: str, point: float):
 
 
 def _collect_task(pipeline: str, config_path: str):
-    @task(task_id="frontier")
+    # all_done: a point that failed does not hide the others; collect lists it as missing and then fails
+    @task(task_id="frontier", trigger_rule="all_done")
     def frontier(shrinkflow_run_id: str) -> dict[str, Any]:
         """Every point's accuracy, MACs and measured latency: frontier.json, the plot and the report."""
         from tasks.frontier import collect

@@ -125,27 +125,27 @@ def _point_row(pipeline: str, run_id: str, point: float, base: dict[str, Any], w
     paths = run_paths(pipeline, point_run_id(run_id, point), workspace)
     for stage in ("finetune", "benchmark", "register"):  # with an object store: what this worker lacks
         paths.pull(stage)
-    try:
-        fin = read_json(paths.require("finetune", "metrics.json"))
-    except StageError as e:
-        raise StageError(f"frontier point {point_label(point)} has no fine-tuned model ({e}); its tasks "
-                         f"(group {point_group_id(point)}) must finish before the frontier is collected") from None
+    fin = read_json(paths.require("finetune", "metrics.json"))
     reg = paths.stage_dir("register") / "decision.json"
-    decision = read_json(reg) if reg.is_file() else None
+    if not reg.is_file():
+        raise StageError(f"the point was not registered ({reg} is missing)")
+    decision = read_json(reg)
     base_lat, lat = _latency(paths)
     return {
         "point": point, "label": point_label(point), "run_id": paths.run_id,
         "test_accuracy": fin["test_accuracy"], "accuracy_drop": base["test_accuracy"] - fin["test_accuracy"],
         "macs": fin["macs"], "params": fin["params"], "macs_reduction": base["macs"] / max(fin["macs"], 1),
         "goal_met": bool(fin.get("goal_met")), "latency": lat, "base_latency": base_lat,
-        "registered": None if decision is None else {
-            "model": decision["model"], "version": decision["version"], "alias": decision["alias"],
-            "promoted": decision["promoted"]},
+        "registered": {"model": decision["model"], "version": decision["version"], "alias": decision["alias"],
+                       "promoted": decision["promoted"]},
     }
 
 
 def collect(pipeline: str, run_id: str, *, config_path: Any = None, workspace: Any = None) -> dict[str, Any]:
-    """Gather the points into R's frontier/ (JSON, plot, report), log them to R's MLflow run; a summary."""
+    """Gather the points into R's frontier/ (JSON, plot, report), log them to R's MLflow run; a summary.
+
+    A point whose chain failed is listed under `missing` with why, and the others are still collected;
+    then a StageError names the missing points, so the DAG run fails (and alerts) with the frontier written."""
     from tasks import tracking
     from tasks.progress import say
     from tasks.registry import client_for
@@ -154,11 +154,19 @@ def collect(pipeline: str, run_id: str, *, config_path: Any = None, workspace: A
     cfg, paths, _ = _frontier_cfg(pipeline, run_id, config_path, workspace)
     paths.pull("train_base")
     base = read_json(paths.require("train_base", "metrics.json"))
-    rows = [_point_row(pipeline, paths.run_id, p, base, workspace) for p in cfg.goal.frontier]
+    rows, missing = [], {}
+    for p in cfg.goal.frontier:
+        try:
+            rows.append(_point_row(pipeline, paths.run_id, p, base, workspace))
+        except StageError as e:  # that point's chain did not finish
+            missing[point_label(p)] = f"{e} (task group {point_group_id(p)}, run {point_run_id(paths.run_id, p)})"
+    if not rows:
+        raise StageError(f"no point of {pipeline}/{paths.run_id}'s frontier finished: "
+                         + "; ".join(f"{k}: {v}" for k, v in missing.items()))
     doc = {"pipeline": pipeline, "run_id": paths.run_id, "metric": cfg.goal.metric,
            "max_accuracy_drop": cfg.goal.max_accuracy_drop,
            "base": {"test_accuracy": base["test_accuracy"], "macs": base["macs"], "params": base["params"]},
-           "points": rows}
+           "points": rows, "missing": missing}
     with atomic_dir(paths.run_dir / FOLDER) as out:
         out = Path(out)
         write_json(out / "frontier.json", doc)
@@ -183,6 +191,11 @@ def collect(pipeline: str, run_id: str, *, config_path: Any = None, workspace: A
         client.log_artifact(parent, str(folder / name), FOLDER)
     tracking.finish_parent(paths)
     say(f"frontier of {pipeline}/{paths.run_id}:\n{frontier_table(doc)}\n(plot: {folder / 'frontier.png'})")
+    if missing:
+        tracking.finish_parent(paths, "FAILED")
+        raise StageError(f"frontier collected with {len(rows)} of {len(cfg.goal.frontier)} points; missing: "
+                         + "; ".join(f"{k}: {v}" for k, v in missing.items())
+                         + ". Fix that point's failed task, clear it, then clear this task")
     return {"points": [{k: r[k] for k in ("label", "test_accuracy", "macs_reduction", "goal_met", "registered")}
                        for r in rows], "folder": str(folder)}
 
@@ -234,6 +247,7 @@ def report_markdown(doc: dict[str, Any]) -> str:
              "smallest benchmark batch, base and compressed measured side by side in each point's benchmark.",
              "", render_markdown(header, rows), "", "![frontier](frontier.png)", ""]
     lines += [f"- {r['label']}: run `{r['run_id']}`" for r in doc["points"]]
+    lines += [f"- {label}: **missing**, {why}" for label, why in doc.get("missing", {}).items()]
     emulated = sorted({t for r in doc["points"] for t, v in r["latency"].items() if v.get("emulated")})
     if emulated:
         lines += ["", f"Targets timed under an emulator ({', '.join(emulated)}): their times are not that CPU's speed."]
