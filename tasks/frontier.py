@@ -242,8 +242,8 @@ def report_markdown(doc: dict[str, Any]) -> str:
     header, rows = _table_rows(doc)
     lines = [f"# shrinkflow frontier {doc['pipeline']}/{doc['run_id']}", "",
              f"One compressed model per point (speedup in {doc['metric']}; at most "
-             f"{doc['max_accuracy_drop']} pt of accuracy lost), each searched, fine-tuned, compiled, measured on "
-             "its targets and registered as its own model. Latency: the fastest engine per target at the "
+             f"{doc['max_accuracy_drop']} pt of accuracy lost), each compressed (searched, when the pipeline "
+             "searches), fine-tuned, compiled, measured on its targets and registered as its own model. Latency: the fastest engine per target at the "
              "smallest benchmark batch, base and compressed measured side by side in each point's benchmark.",
              "", render_markdown(header, rows), "", "![frontier](frontier.png)", ""]
     lines += [f"- {r['label']}: run `{r['run_id']}`" for r in doc["points"]]
