@@ -30,6 +30,7 @@ Methods (each is what its authors' recipe does, scaled to the budget):
   sf_attention    sf_default with attention transfer at the stage ends (attention_weight 1000)
   sf_kd03         sf_default with the KD term's weight at 0.3 (default 0.7)
   sf_ce           shrinkflow's cut, fine-tuned with cross-entropy alone (no teacher)
+  sf_kd_decay     sf_default with the KD weight falling linearly from 0.7 to 0 (labels alone at the end)
   tp_l1           uniform L1 (MetaPruner + MagnitudeImportance(p=1)), cross-entropy fine-tune: the
                   20-line recipe
   tp_magnitude    MetaPruner + GroupMagnitudeImportance(p=2), cross-entropy fine-tune
@@ -154,8 +155,8 @@ class Ctx:
         return [(x.to(dev), y.to(dev)) for _, (x, y) in zip(range(8), self.train, strict=False)]
 
 
-def _shrinkflow(regularize: str | None = None, *, lr: float = FINETUNE_LR, steps: int = 1,
-                attention: float = 0.0, alpha: float | None = None) -> Callable[[Ctx], tuple[nn.Module, int]]:
+def _shrinkflow(regularize: str | None = None, *, lr: float = FINETUNE_LR, steps: int = 1, attention: float = 0.0,
+                alpha: float | None = None, alpha_decay: bool = False) -> Callable[[Ctx], tuple[nn.Module, int]]:
     """alpha: the KD term's weight (None: Distill's default, 0.7; 0: cross-entropy alone, no teacher)."""
     def run(c: Ctx) -> tuple[nn.Module, int]:
         inside = (1 if regularize else 0) + (steps - 1)  # epochs the op trains: regularising, between cuts
@@ -166,7 +167,8 @@ def _shrinkflow(regularize: str | None = None, *, lr: float = FINETUNE_LR, steps
         model = res.model
         c.after_cut = accuracy(model, c.test)
         spec = TrainSpec(epochs=c.budget - inside, lr=lr, seed=c.seed)
-        kd = None if alpha == 0 else Distill(attention_weight=attention, **({} if alpha is None else {"alpha": alpha}))
+        kd = None if alpha == 0 else Distill(attention_weight=attention, alpha_decay=alpha_decay,
+                                             **({} if alpha is None else {"alpha": alpha}))
         fit(model, c.train, spec, teacher=c.base if kd else None, distill=kd)
         return model, res.report["train_epochs"] + spec.epochs
 
@@ -250,6 +252,7 @@ METHODS: dict[str, Callable[[Ctx], tuple[nn.Module, int]]] = {
     "sf_attention": _shrinkflow(attention=1000.0),
     "sf_kd03": _shrinkflow(alpha=0.3),
     "sf_ce": _shrinkflow(alpha=0.0),
+    "sf_kd_decay": _shrinkflow(alpha_decay=True),
     "tp_l1": _torch_pruning("l1"),
     "tp_magnitude": _torch_pruning("magnitude"),
     "tp_taylor": _torch_pruning("taylor"),

@@ -24,6 +24,9 @@ class Distill(OpConfig):
     hint_weight: float = 0.0  # weight of the feature (hint) loss; 0 turns it off
     # weight of the attention-transfer loss (Zagoruyko & Komodakis 2017, who use 1000); 0 turns it off
     attention_weight: float = 0.0
+    # the KD weight falls linearly from alpha to 0 over the fine-tune: the teacher guides the start, the
+    # labels the end (a small student that keeps imitating its teacher for long fits the labels worse)
+    alpha_decay: bool = False
 
     def validate(self) -> None:
         check_range("temperature", self.temperature, 0.0, 100.0, lo_open=True)
@@ -38,7 +41,10 @@ def kd_loss(
     labels: torch.Tensor,
     cfg: Distill,
     label_smoothing: float = 0.0,
+    alpha: float | None = None,
 ) -> torch.Tensor:
+    """The KD loss; `alpha` overrides cfg.alpha (fit() passes the decayed weight under alpha_decay)."""
+    a = cfg.alpha if alpha is None else alpha
     t = cfg.temperature
     soft = F.kl_div(
         F.log_softmax(student_logits / t, dim=1),
@@ -47,7 +53,7 @@ def kd_loss(
         log_target=True,
     ) * (t * t)  # T^2 keeps the soft term's gradient scale independent of T
     hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
-    return cfg.alpha * soft + (1.0 - cfg.alpha) * hard
+    return a * soft + (1.0 - a) * hard
 
 
 def classifier_layer(model: nn.Module) -> nn.Linear:

@@ -156,7 +156,8 @@ def fit(
                 if use_kd:
                     with torch.no_grad():
                         t_out = teacher(x)
-                    loss = kd_loss(out, t_out, y, distill, spec.label_smoothing)
+                    alpha = distill.alpha * (1.0 - step / steps) if distill.alpha_decay else None
+                    loss = kd_loss(out, t_out, y, distill, spec.label_smoothing, alpha)
                     if hint is not None:
                         loss = loss + distill.hint_weight * hint.loss()
                     if attend is not None:

@@ -170,6 +170,8 @@ class DistillConfig(_Strict):
     attention_weight: float = Field(
         0.0, ge=0, le=1e5,
         description="weight of attention transfer at every resolution stage's end (1000 in the paper); 0: off")
+    alpha_decay: bool = Field(
+        False, description="the KD weight falls linearly from alpha to 0 over the fine-tune (labels alone at the end)")
 
 
 class SensitivityConfig(_Strict):

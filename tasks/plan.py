@@ -63,7 +63,7 @@ def plan_from_config(cfg: PipelineConfig) -> list[OpConfig]:
     d = cfg.finetune.distill
     if d.enabled:
         plan.append(Distill(temperature=d.temperature, alpha=d.alpha, hint_weight=d.hint_weight,
-                            attention_weight=d.attention_weight))
+                            attention_weight=d.attention_weight, alpha_decay=d.alpha_decay))
     return plan
 
 

@@ -319,7 +319,7 @@ class SearchSpace:
         if d.enabled:
             plan.append(Distill(temperature=float(point.get("distill.temperature", d.temperature)),
                                 alpha=float(point.get("distill.alpha", d.alpha)), hint_weight=d.hint_weight,
-                                attention_weight=d.attention_weight))
+                                attention_weight=d.attention_weight, alpha_decay=d.alpha_decay))
         lr = float(point.get("finetune.lr", self.cfg.finetune.lr))
         if not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"finetune.lr={lr}: must be > 0")

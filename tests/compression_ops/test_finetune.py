@@ -43,6 +43,23 @@ def test_distillation_pulls_student_to_teacher(splits):
     assert gap(student) < g0 / 2
 
 
+def test_alpha_decay_hands_the_fine_tune_from_the_teacher_to_the_labels(splits):
+    """With the KD weight at 1 a student copies its teacher, here an untrained one (chance); with the weight
+    decaying to 0 the labels take over by the end and the student learns the task."""
+    torch.manual_seed(0)
+    teacher = create_model("resnet8", in_channels=1, num_classes=4, width=8).eval()
+    acc = {}
+    for decay in (False, True):
+        torch.manual_seed(1)
+        student = create_model("resnet8", in_channels=1, num_classes=4, width=4)
+        fit(student, splits.batches("train", 32, train=True), TrainSpec(epochs=4, lr=0.05), teacher=teacher,
+            distill=Distill(temperature=1.0, alpha=1.0, alpha_decay=decay))
+        acc[decay] = evaluate(student, splits.batches("test"))["accuracy"]
+    assert acc[True] > 80 and acc[False] < 50, acc
+    s, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    assert torch.isclose(kd_loss(s, s * 3, y, Distill(alpha=1.0), alpha=0.0), F.cross_entropy(s, y))
+
+
 def test_kd_loss_limits():
     s = torch.randn(8, 5, requires_grad=True)
     y = torch.randint(0, 5, (8,))
