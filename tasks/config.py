@@ -136,7 +136,8 @@ class GoalConfig(_Strict):
     frontier: list[Annotated[float, Field(gt=1)]] | None = Field(
         None,
         description="several speedups (in `metric`) from one run, e.g. [2, 3, 5]: one compressed model per point, "
-        "each searched, fine-tuned, compiled, measured and registered as its own model "
+        "each compressed (searched when the pipeline searches), fine-tuned, compiled, measured and registered "
+        "as its own model "
         "(shrinkflow-<pipeline>-<point>x), and a frontier plot of accuracy against MACs and measured latency; "
         "instead of speedup",
     )

@@ -120,6 +120,20 @@ def test_errors_are_clear(models, workspace, capsys, argv, message):
     assert _alias(models, "champion") == "1"  # nothing moved
 
 
+def test_a_frontier_points_model_is_promoted_with_point(models, workspace, capsys, tmp_path):
+    point = "shrinkflow-synth-3x"
+    models.create_registered_model(point)
+    for _ in range(2):
+        models.create_model_version(point, source=str(tmp_path))
+    registry.move_champion(models, point, "1", action="register", reason="no champion yet", by="test")
+    assert main(["--workspace", str(workspace), "promote", "2", "--pipeline", "synth", "--point", "3x"]) == 0
+    assert "shrinkflow-synth-3x: champion v1 -> v2" in capsys.readouterr().out
+    assert str(registry.alias_version(models, point, "champion").version) == "2"
+    assert _alias(models, "champion") == "1"  # the pipeline's own model is left alone
+    assert main(["--workspace", str(workspace), "rollback", "--pipeline", "synth", "--point", "5x"]) == 2
+    assert "no registered model 'shrinkflow-synth-5x'" in capsys.readouterr().err
+
+
 def test_pipeline_must_be_named_when_several_are_registered(models, workspace, capsys):
     models.create_registered_model("shrinkflow-other")
     assert main(["--workspace", str(workspace), "rollback"]) == 2
