@@ -75,10 +75,12 @@ from compression_ops import ChannelPrune, Distill, OpData, TrainSpec, apply, eva
 from compression_ops.channel_prune import output_layers, solve_ratio  # noqa: E402
 from compression_ops.metrics import count_macs, count_params  # noqa: E402
 from tasks.config import DataConfig  # noqa: E402
+from tasks.data.dataset import normalization  # noqa: E402
 from tasks.data.loaders import TensorBatches, to_tensor  # noqa: E402
 from tasks.data.sources import fashion_mnist  # noqa: E402
 from tasks.errors import DatasetError  # noqa: E402
 from tasks.models import create_model  # noqa: E402
+from tasks.workspace import write_json  # noqa: E402  (atomic: a run killed mid-write keeps the last version)
 
 CACHE = REPO / ".shrinkflow" / "bench" / "frontier"
 NETS: dict[str, Callable[[], nn.Module]] = {
@@ -100,8 +102,7 @@ def fashion(train_fraction: float, data_dir: Path | None = None) -> tuple[Tensor
         x_train, y_train, x_test, y_test, *_ = fashion_mnist(cfg)
     except DatasetError as e:
         raise SystemExit(str(e)) from None
-    scaled = x_train.astype(np.float32) / 255.0
-    mean, std = [float(scaled.mean())], [float(scaled.std() + 1e-6)]
+    mean, std = normalization(x_train)
     xtr, ytr = to_tensor(x_train, mean, std), torch.from_numpy(y_train)
     xte, yte = to_tensor(x_test, mean, std), torch.from_numpy(y_test)
     n = int(len(ytr) * train_fraction)
@@ -310,14 +311,6 @@ def device_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
     return info
-
-
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    """Atomically: a run killed mid-write leaves the previous version, never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def main() -> None:

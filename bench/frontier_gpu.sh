@@ -19,13 +19,7 @@
 # back as .shrinkflow/bench/frontier to skip base training next time).
 # Environment: FRONTIER_TIME_LIMIT=SECONDS stops frontier.py after that long (0, the default: no limit),
 # so that the bases still get copied to $OUT before the device tool's own limit kills everything.
-set -uo pipefail
-: "${OUT:?OUT must name the folder whose files come back (the device tool sets it)}"
-
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "installing .whl/*.whl failed (was .whl carried?)"; exit 1; }
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader || true
+source bench/gpu_env.sh
 
 rc=0
 timeout -k 20 "${FRONTIER_TIME_LIMIT:-0}" \

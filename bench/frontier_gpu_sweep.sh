@@ -13,13 +13,9 @@
 # Budget 3 at 2x/3x/5x/9x with every method (latency measured on this machine's CPU, one thread per
 # process, while other processes train: ratios to the base are timed interleaved, absolute times are
 # that CPU's); budget 12 at 5x and 9x with the leading methods, no latency.
-set -uo pipefail
-: "${OUT:?OUT must name the folder whose files come back (the device tool sets it)}"
 DEADLINE=$((SECONDS + ${SWEEP_SECONDS:-520}))
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "installing .whl/*.whl failed (was .whl carried?)"; exit 1; }
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+source bench/gpu_env.sh
+export OMP_NUM_THREADS=1  # a dozen processes share the machine's 16 cores
 R=$OUT/sweep && mkdir -p "$R"
 bench() { python3 bench/frontier.py --device cuda --data-dir .fmnist "$@"; }
 

@@ -49,8 +49,7 @@ def _point_force(force: bool | str | None) -> bool | str | None:
 
 
 def _frontier_cfg(pipeline: str, run_id: str, config_path: Any, workspace: Any):
-    from tasks.config import load_pipeline
-    from tasks.overrides import apply_overrides
+    from tasks.overrides import run_config
     from tasks.workspace import run_paths
 
     paths = run_paths(pipeline, run_id, workspace)
@@ -58,7 +57,7 @@ def _frontier_cfg(pipeline: str, run_id: str, config_path: Any, workspace: Any):
     if "overrides" not in state:
         raise StageError(f"run {pipeline}/{run_id} was not started (no run.json with its overrides): start the "
                          "frontier run first (its DAG's start task, or shrinkflow run)")
-    cfg = apply_overrides(load_pipeline(pipeline, config_path), state.get("overrides") or {})
+    cfg = run_config(pipeline, state, config_path)
     if not cfg.goal.frontier:
         raise ConfigError(f"pipeline {pipeline!r} has no goal.frontier; a frontier run needs e.g. "
                           "goal: {frontier: [2, 3, 5]} in pipelines.yaml")

@@ -69,3 +69,10 @@ def apply_overrides(
     if cfg._pipelines_file is not None:  # validation drops the private field; paths keep counting from the project
         resolve_project_paths(new, cfg._pipelines_file)
     return new
+
+
+def run_config(pipeline: str, state: Mapping[str, Any], config_path: Any = None) -> PipelineConfig:
+    """The pipeline's config as one run sees it: pipelines.yaml with the overrides its run.json records."""
+    from tasks.config import load_pipeline
+
+    return apply_overrides(load_pipeline(pipeline, config_path), state.get("overrides") or {})

@@ -202,11 +202,10 @@ def reuse(stage: str, decision: Decision, paths: RunPaths, tags: dict[str, str])
 def stage_is_current(stage: str, pipeline: str, run_id: str, *, config_path: Any = None,
                      workspace: Any = None) -> bool:
     """True when run_stage would not compute the stage: done in this run, or reusable from another run."""
-    from tasks.config import load_pipeline
-    from tasks.overrides import apply_overrides
+    from tasks.overrides import run_config
     from tasks.workspace import run_paths
 
     paths = run_paths(pipeline, run_id, workspace)
     state = paths.read_state()
-    cfg = apply_overrides(load_pipeline(pipeline, config_path), state.get("overrides") or {})
+    cfg = run_config(pipeline, state, config_path)
     return decide(stage, cfg, paths, state, state.get("force")).action in ("skip", "reuse")

@@ -57,10 +57,7 @@ class Dataset:
 
     def normalization(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images, on the 0..1 scale."""
-        x = self.x_train.astype(np.float32) / 255.0
-        mean = x.mean(axis=(0, 2, 3))
-        std = x.std(axis=(0, 2, 3)) + 1e-6
-        return [float(m) for m in mean], [float(s) for s in std]
+        return normalization(self.x_train)
 
     def summary(self) -> dict[str, Any]:
         mean, std = self.normalization()
@@ -75,6 +72,14 @@ class Dataset:
             "std": std,
             **self.info,
         }
+
+
+def normalization(x_train: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images [N, C, H, W], on the 0..1 scale (std + 1e-6)."""
+    x = x_train.astype(np.float32) / 255.0
+    mean = x.mean(axis=(0, 2, 3))
+    std = x.std(axis=(0, 2, 3)) + 1e-6
+    return [float(m) for m in mean], [float(s) for s in std]
 
 
 def save_dataset(ds: Dataset, store: Path, dest: Path) -> str:

@@ -79,8 +79,7 @@ def _no_search(ctx: StageContext, out: Path) -> dict[str, Any]:
 # --- the fan-out: called by Airflow's mapped tasks (dags/) and `shrinkflow search-worker` -------------
 
 def _load(pipeline: str, run_id: str, config_path, workspace) -> tuple[PipelineConfig, RunPaths]:
-    from tasks.config import load_pipeline
-    from tasks.overrides import apply_overrides
+    from tasks.overrides import run_config
     from tasks.stage_specs import spec
     from tasks.workspace import run_paths
 
@@ -88,7 +87,7 @@ def _load(pipeline: str, run_id: str, config_path, workspace) -> tuple[PipelineC
     state = paths.read_state()
     for name in spec("search").upstream:  # a worker with no shared disk pulls what the trials read
         paths.pull(name)
-    return apply_overrides(load_pipeline(pipeline, config_path), state.get("overrides") or {}), paths
+    return run_config(pipeline, state, config_path), paths
 
 
 def setup(pipeline: str, run_id: str, *, config_path=None, workspace=None) -> dict[str, Any]:
