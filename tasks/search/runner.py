@@ -172,21 +172,33 @@ def prepare(cfg: PipelineConfig, paths: RunPaths, *, worker: int = 0, tracker: b
     return session
 
 
+def warm_start_points(space: SearchSpace, previous: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(source, searched values) the study tries first, in order: the previous run's best, the
+    sensitivity-shaped plan, and the plan as written with every searched value at its default (the
+    uniform cut a run without the search makes), so the search never chooses without having scored
+    the plan it replaces. Repeats are dropped."""
+    points = []
+    if previous:
+        points.append(("previous_run:" + previous["run_id"], space.restrict(previous["point"])))
+    shaped = space.sensitivity_shaped()
+    if shaped:
+        points.append(("sensitivity", shaped))
+    points.append(("default", space.defaults()))
+    out: list[tuple[str, dict[str, Any]]] = []
+    for source, point in points:
+        searched = {k: v for k, v in point.items() if not space.params[k].is_fixed}
+        if searched and all(searched != p for _, p in out):
+            out.append((source, searched))
+    return out
+
+
 def _warm_start(s: Session) -> None:
     with st.quiet_optuna(), st.claim_lock(s.url, s.study.study_name):
         if s.study.user_attrs.get(st.ATTR_WARM):
             return
-        queued = []
-        if s.cfg.search.warm_start:
-            prev = previous_best(s.paths)
-            if prev:
-                queued.append(("previous_run:" + prev["run_id"], s.space.restrict(prev["point"])))
-            shaped = s.space.sensitivity_shaped()
-            if shaped:
-                queued.append(("sensitivity", shaped))
+        queued = warm_start_points(s.space, previous_best(s.paths)) if s.cfg.search.warm_start else []
         for source, point in queued[: s.cfg.search.n_trials]:
-            searched = {k: v for k, v in point.items() if not s.space.params[k].is_fixed}
-            s.study.enqueue_trial(searched, user_attrs={"warm_start": source}, skip_if_exists=True)
+            s.study.enqueue_trial(point, user_attrs={"warm_start": source}, skip_if_exists=True)
         s.study.set_user_attr(st.ATTR_WARM, [q[0] for q in queued])
     if queued:
         say(f"search: warm start from {', '.join(q[0] for q in queued)}")

@@ -144,6 +144,27 @@ def test_sensitivity_shapes_the_warm_start() -> None:
     assert [n for n in shaped.params if n.startswith("prune.")] == ["prune.shape_power"]
 
 
+def test_warm_start_tries_the_plan_the_search_replaces() -> None:
+    from tasks.search.runner import warm_start_points
+
+    model = _model()
+    roots = [g[0] for g in prune_groups(model, X)]
+    sens = {"scans": [{"kind": "channel_prune", "rows": [
+        {"layer": r, "setting": 0.5, "drop": 10.0 if r == roots[0] else 1.0} for r in roots]}]}
+    space = SearchSpace(_cfg(search={"space": {"finetune.lr": 0.02}}), model, X, sens)
+    prev = {"run_id": "r0", "point": {f"prune.scale.{roots[0]}": 5.0, "no.such.param": 1}}
+    points = warm_start_points(space, prev)
+    assert [s for s, _ in points] == ["previous_run:r0", "sensitivity", "default"]
+    assert all("finetune.lr" not in p for _, p in points)  # pinned values are not enqueued
+    assert points[0][1][f"prune.scale.{roots[0]}"] == 2.0  # the previous best, clipped to this space
+    default = points[2][1]
+    assert {default[f"prune.scale.{r}"] for r in roots} == {1.0}  # uniform: every group at the solved ratio
+    # without a scan or a previous run, only the default; a repeat is not tried twice
+    assert [s for s, _ in warm_start_points(SearchSpace(_cfg(), model, X), None)] == ["default"]
+    same = {"run_id": "r0", "point": space.defaults()}
+    assert [s for s, _ in warm_start_points(SearchSpace(_cfg(), model, X), same)] == ["previous_run:r0"]
+
+
 def test_layer_scale_shapes_a_cut_that_still_meets_the_target() -> None:
     model = _model().eval()
     roots = [g[0] for g in prune_groups(model, X)]
