@@ -31,6 +31,11 @@ Methods (each is what its authors' recipe does, scaled to the budget):
   sf_kd03         sf_default with the KD term's weight at 0.3 (default 0.7)
   sf_ce           shrinkflow's cut, fine-tuned with cross-entropy alone (no teacher)
   sf_kd_decay     sf_default with the KD weight falling linearly from 0.7 to 0 (labels alone at the end)
+  sf_search       shrinkflow with the search (tasks.search, as a pipeline with search.n_trials runs it):
+                  1 epoch of the budget in short trials (each on 1/16 of the training set, scored on 2000
+                  images held out of it) choosing the per-group shape, regularize / steps /
+                  global_ranking, the KD temperature and weight and the lr; the winner is cut from the
+                  base and fine-tuned for the rest of the budget
   tp_l1           uniform L1 (MetaPruner + MagnitudeImportance(p=1)), cross-entropy fine-tune: the
                   20-line recipe
   tp_magnitude    MetaPruner + GroupMagnitudeImportance(p=2), cross-entropy fine-tune
@@ -146,6 +151,7 @@ class Ctx:
         self.base, self.target, self.ratio, self.train, self.test = base, target, ratio, train, test
         self.example, self.budget, self.seed = example, budget, seed
         self.after_cut: float | None = None  # test accuracy right after the cut, before fine-tuning
+        self.search: dict[str, Any] | None = None  # sf_search: what the search ran and chose
 
     def spec(self, epochs: int) -> TrainSpec:
         return TrainSpec(epochs=epochs, lr=FINETUNE_LR, seed=self.seed)
@@ -157,9 +163,9 @@ class Ctx:
 
 
 def _shrinkflow(regularize: str | None = None, *, lr: float = FINETUNE_LR, steps: int = 1, attention: float = 0.0,
-                alpha: float | None = None, alpha_decay: bool = False) -> Callable[[Ctx], tuple[nn.Module, int]]:
+                alpha: float | None = None, alpha_decay: bool = False) -> Callable[[Ctx], tuple[nn.Module, float]]:
     """alpha: the KD term's weight (None: Distill's default, 0.7; 0: cross-entropy alone, no teacher)."""
-    def run(c: Ctx) -> tuple[nn.Module, int]:
+    def run(c: Ctx) -> tuple[nn.Module, float]:
         inside = (1 if regularize else 0) + (steps - 1)  # epochs the op trains: regularising, between cuts
         cfg = ChannelPrune(target_macs_reduction=c.target, importance="l2", regularize=regularize,
                            steps=steps, step_epochs=1, step_lr=FINETUNE_LR)
@@ -172,6 +178,102 @@ def _shrinkflow(regularize: str | None = None, *, lr: float = FINETUNE_LR, steps
                                              **({} if alpha is None else {"alpha": alpha}))
         fit(model, c.train, spec, teacher=c.base if kd else None, distill=kd)
         return model, res.report["train_epochs"] + spec.epochs
+
+    return run
+
+
+class _SearchSplits:
+    """What tasks.search's TrialRunner reads of a pipeline's Splits: train and val tensors, an example."""
+
+    def __init__(self, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                 example: torch.Tensor):
+        self.tensors, self._example = {"train": train, "val": val}, example
+
+    def example(self, batch: int = 1) -> torch.Tensor:
+        return self._example[:batch]
+
+
+def _search(epochs: int = 1, max_trials: int = 16, val_images: int = 2000) -> Callable[[Ctx], tuple[nn.Module, float]]:
+    """shrinkflow with the search, as a pipeline with `search.n_trials` runs it (tasks.search: the same
+    space, sensitivity scan, warm start (the scan's shape, then the uniform cut), TPE sampler, trial runner and choice), in `epochs` of the budget.
+
+    The plan is a bare channel_prune with regularize, steps and global_ranking left to the search, so it
+    chooses the per-group shape, whether to regularise or cut in two steps, the KD temperature and weight
+    and the fine-tune lr. Trials train on subsets of the training set (1/16 of `epochs` of it each) and
+    are scored on `val_images` held out of it; the test set is never seen. A trial's cost is its training
+    images, its ops' own epochs included (tasks.search's accounting); trials start while the worst case
+    (a regularised two-step trial) still fits in `epochs`, so the search never overdraws. The winner is
+    cut from the base as sf_default's cut is, and fine-tuned with its KD settings and lr for the rest of
+    the budget on the whole training set. A budget too short for both regularising and a two-step cut
+    (each 1 epoch) with a fine-tune epoch left pins one step."""
+    def run(c: Ctx) -> tuple[nn.Module, float]:
+        import optuna
+
+        from tasks.config import PipelineConfig
+        from tasks.search.runner import sensitivity_scan, warm_start_points
+        from tasks.search.space import SearchSpace
+        from tasks.search.study import quiet_optuna, sampler_for
+        from tasks.search.trial import LatencyCache, TrialRunner
+
+        x, y = c.train.x, c.train.y
+        n = len(y)
+        hold = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed + 1))
+        val, fit_idx = hold[:val_images], hold[val_images:]
+        subset = n * epochs // 16
+        cfg = PipelineConfig.model_validate({
+            "name": "bench_search", "data": {"source": "fashion_mnist"}, "model": {"name": "bench"},
+            "train": {"augment": c.train.augment, "batch_size": BATCH, "seed": c.seed},
+            "goal": {"speedup": c.target, "metric": "macs", "max_accuracy_drop": 100.0},
+            "compression": {"plan": [{"op": "channel_prune", "importance": "l2", "regularize": "search",
+                                      "steps": "search", "global_ranking": "search"}]},
+            "finetune": {"lr": FINETUNE_LR, "batch_size": BATCH},
+            "search": {"n_trials": max_trials, "trial_epochs": 1, "train_subset": subset,
+                       "val_images": val_images, "seed": c.seed,
+                       # regularising and a second cut each train 1 epoch of the budget: both must leave
+                       # a fine-tune epoch, else the second cut is off the table
+                       "space": {} if c.budget - epochs - 2 >= 1 else {"prune.steps": 1}},
+        })
+        splits = _SearchSplits((x[fit_idx], y[fit_idx]), (x[val], y[val]), c.example)
+        scan_data = OpData(example=c.example, batches=c.train, max_batches=8)
+        sensitivity = sensitivity_scan(cfg, c.base, splits, scan_data)
+        space = SearchSpace(cfg, c.base, c.example, sensitivity)
+        with tempfile.TemporaryDirectory() as tmp:
+            runner = TrialRunner(cfg, c.base, splits, space, LatencyCache(Path(tmp) / "latency.json"))
+            with quiet_optuna():
+                study = optuna.create_study(directions=runner.directions, sampler=sampler_for(cfg.search, 0))
+                for _, point in warm_start_points(space, None):  # the scan's shape, then the uniform cut
+                    study.enqueue_trial(point)
+                spent, worst = 0, 3 * subset  # a regularised (1 epoch) two-step (1 more) trial: 3 subset epochs
+                for _ in range(max_trials):
+                    if spent + worst > epochs * n:
+                        break
+                    trial = study.ask()
+                    runner.run(study, trial)
+                    spent += int(study.trials[-1].user_attrs.get("train_images", 0))
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                and all(v <= 0 for v in t.user_attrs.get("constraints", [1.0]))]
+        if not done:
+            raise RuntimeError("search: no trial completed within the goal: "
+                               + "; ".join(str(t.user_attrs.get("error", t.state.name)) for t in study.trials))
+        best = max(done, key=lambda t: t.values[0])
+        point = space.defaults() | best.params
+        plan, ft = space.build(point)
+        prune = next(p for p in plan if isinstance(p, ChannelPrune))
+        kd = next(p for p in plan if isinstance(p, Distill))
+        torch.manual_seed(c.seed)
+        res = apply(c.base, prune, OpData(example=c.example, batches=c.train))
+        c.after_cut = accuracy(res.model, c.test)
+        c.search = {"trials": len(study.trials), "search_epochs": spent / n, "chosen_trial": best.number,
+                    "chosen_val_accuracy": best.values[0], "chosen": {k: point[k] for k in point
+                                                                       if not k.startswith("prune.scale.")},
+                    "cut_train_epochs": int(res.report["train_epochs"])}
+        inside = int(res.report["train_epochs"])
+        spec = TrainSpec(epochs=c.budget - epochs - inside, lr=ft["lr"], seed=c.seed)
+        if spec.epochs < 1:
+            raise SystemExit(f"sf_search: budget {c.budget} leaves no fine-tune epoch after {epochs} of search "
+                             f"and {inside} of the chosen cut's own training")
+        fit(res.model, c.train, spec, teacher=c.base, distill=kd)
+        return res.model, round(spent / n + inside + spec.epochs, 2)
 
     return run
 
@@ -207,8 +309,8 @@ def _ce_sparse_epoch(c: Ctx, model: nn.Module, pruner: Any) -> None:
     model.eval()
 
 
-def _torch_pruning(kind: str) -> Callable[[Ctx], tuple[nn.Module, int]]:
-    def run(c: Ctx) -> tuple[nn.Module, int]:
+def _torch_pruning(kind: str) -> Callable[[Ctx], tuple[nn.Module, float]]:
+    def run(c: Ctx) -> tuple[nn.Module, float]:
         import torch_pruning as tp
 
         model = copy.deepcopy(c.base)
@@ -244,7 +346,7 @@ def _torch_pruning(kind: str) -> Callable[[Ctx], tuple[nn.Module, int]]:
     return run
 
 
-METHODS: dict[str, Callable[[Ctx], tuple[nn.Module, int]]] = {
+METHODS: dict[str, Callable[[Ctx], tuple[nn.Module, float]]] = {
     "sf_default": _shrinkflow(),
     "sf_grow": _shrinkflow("grow"),
     "sf_grow_lr01": _shrinkflow("grow", lr=0.01),
@@ -254,6 +356,7 @@ METHODS: dict[str, Callable[[Ctx], tuple[nn.Module, int]]] = {
     "sf_kd03": _shrinkflow(alpha=0.3),
     "sf_ce": _shrinkflow(alpha=0.0),
     "sf_kd_decay": _shrinkflow(alpha_decay=True),
+    "sf_search": _search(),
     "tp_l1": _torch_pruning("l1"),
     "tp_magnitude": _torch_pruning("magnitude"),
     "tp_taylor": _torch_pruning("taylor"),
@@ -384,11 +487,12 @@ def main() -> None:
                                "macs": macs, "macs_reduction": macs0 / macs, "params": count_params(model),
                                "accuracy": acc, "drop": base_acc - acc, "train_epochs": epochs,
                                "accuracy_after_cut": ctx.after_cut,
+                               **({"search": ctx.search} if ctx.search else {}),
                                "minutes": (time.perf_counter() - t0) / 60}
                         rows.append(row)
                         models[f"{method}@{target:g}"] = model
                     print(f"  {target:5.0f}x {method:16s} {macs0 / count_macs(model, example):6.2f}x {ctx.after_cut:7.2f} "
-                          f"{acc:7.2f} {base_acc - acc:6.2f} {epochs:6d} {(time.perf_counter() - t0) / 60:5.1f}", flush=True)
+                          f"{acc:7.2f} {base_acc - acc:6.2f} {epochs:6g} {(time.perf_counter() - t0) / 60:5.1f}", flush=True)
                 if len(accs) > 1:
                     noise = {"net": net, "target": target, "method": method, "accuracies": accs,
                              "stdev": statistics.stdev(accs), "range": max(accs) - min(accs)}
