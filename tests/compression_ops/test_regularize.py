@@ -127,6 +127,12 @@ def test_iterative_pruning_reaches_the_target_in_steps_and_counts_its_training()
     assert [s["step"] for s in rep["steps"]] == [1, 2]
     assert 1.7 < rep["steps"][0]["macs_reduction"] < 2.6  # about 4^(1/2) after the first cut
     assert rep["train_epochs"] == 1  # one fine-tune between the two cuts
-    assert accuracy(res.model, xte, yte) > 15  # the net still computes after two cuts
+    # the net still works after two cuts: finite outputs, and 2 epochs bring it back near the base (99 %).
+    # (Right after the second cut it is near chance, 14-15 % here, and which side of 15 depends on the
+    # CPU's conv kernels: no floor there.)
+    out = res.model(xte[:8])
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+    fit(res.model, _batches(), TrainSpec(epochs=2, lr=0.05))
+    assert accuracy(res.model, xte, yte) > 90
     with pytest.raises(OpConfigError, match="steps=3 prunes towards a MACs target"):
         ChannelPrune(ratio=0.5, steps=3)
