@@ -210,7 +210,7 @@ def _search(epochs: int = 1, max_trials: int = 16, val_images: int = 2000) -> Ca
         import optuna
 
         from tasks.config import PipelineConfig
-        from tasks.search.runner import sensitivity_scan, warm_start_points
+        from tasks.search.runner import meets_cost_limits, sensitivity_scan, warm_start_points
         from tasks.search.space import SearchSpace
         from tasks.search.study import quiet_optuna, sampler_for
         from tasks.search.trial import LatencyCache, TrialRunner
@@ -250,8 +250,7 @@ def _search(epochs: int = 1, max_trials: int = 16, val_images: int = 2000) -> Ca
                     trial = study.ask()
                     runner.run(study, trial)
                     spent += int(study.trials[-1].user_attrs.get("train_images", 0))
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-                and all(v <= 0 for v in t.user_attrs.get("constraints", [1.0]))]
+        done = [t for t in study.trials if meets_cost_limits(t)]
         if not done:
             raise RuntimeError("search: no trial completed within the goal: "
                                + "; ".join(str(t.user_attrs.get("error", t.state.name)) for t in study.trials))

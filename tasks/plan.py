@@ -40,16 +40,12 @@ def plan_from_config(cfg: PipelineConfig) -> list[OpConfig]:
                 )
             key = "target_latency_reduction" if goal.metric == "latency" else "target_macs_reduction"
             item[key] = goal.speedup
-        if item["op"] == "channel_prune" and item.get("regularize") == "search":
-            raise ConfigError(
-                f"pipeline {cfg.name!r}: compression.plan[{i}] (channel_prune) has regularize: search, but there "
-                "is no search (search.n_trials: 0): name a method (grow, group_lasso, bn_l1), null, or set n_trials"
-            )
-        for key, fix in (("steps", "a number (1: one cut)"), ("global_ranking", "true or false")):
+        for key, fix in (("regularize", "name a method (grow, group_lasso, bn_l1) or null"),
+                         ("steps", "give a number (1: one cut)"), ("global_ranking", "give true or false")):
             if item["op"] == "channel_prune" and item.get(key) == "search":
                 raise ConfigError(
                     f"pipeline {cfg.name!r}: compression.plan[{i}] (channel_prune) has {key}: search, but there is "
-                    f"no search (search.n_trials: 0): give {fix}, or set search.n_trials")
+                    f"no search (search.n_trials: 0): {fix}, or set search.n_trials")
         try:
             op = config_from_dict(item)
         except (OpConfigError, TypeError) as e:

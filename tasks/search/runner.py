@@ -257,7 +257,8 @@ def wait_for_workers(s: Session, poll: float | None = None) -> None:
 
 # --- choosing ---------------------------------------------------------------------------------------
 
-def _feasible(t: optuna.trial.FrozenTrial) -> bool:
+def meets_cost_limits(t: optuna.trial.FrozenTrial) -> bool:
+    """A completed trial whose recorded goal violations are all <= 0 (what the choice keeps)."""
     return t.state == TrialState.COMPLETE and all(c <= 0 for c in st.constraints_of(t))
 
 
@@ -289,7 +290,7 @@ def choose(s: Session) -> tuple[optuna.trial.FrozenTrial, str, bool]:
         if t is None:
             have = ", ".join(str(t.number) for t in done) or "none"
             raise StageError(f"search.pick={sc.pick}: no completed trial with that number (completed: {have})")
-        return t, f"trial {t.number}, picked in search.pick", _feasible(t)
+        return t, f"trial {t.number}, picked in search.pick", meets_cost_limits(t)
     if not done:
         errors = sorted({t.user_attrs.get("error", t.state.name) for t in trials})
         raise StageError(
@@ -297,7 +298,7 @@ def choose(s: Session) -> tuple[optuna.trial.FrozenTrial, str, bool]:
             + "; ".join(errors[:5]) + ". Relax the goal in pipelines.yaml or widen search.space."
         )
     pool = pareto_front(done) if s.space.multi_objective else done
-    feasible = [t for t in pool if _feasible(t)] or [t for t in done if _feasible(t)]
+    feasible = [t for t in pool if meets_cost_limits(t)] or [t for t in done if meets_cost_limits(t)]
     if feasible:
         best = max(feasible, key=lambda t: t.values[0])
         return best, f"the most accurate of {len(feasible)} trials meeting the goal's cost limits", True
@@ -323,7 +324,7 @@ def trial_rows(s: Session) -> list[dict[str, Any]]:
             "size_mb": m.get("size_mb"),
             "latency_ms": m.get("latency_ms"),
             "latency_reduction": m.get("latency_reduction"),
-            "feasible": _feasible(t),
+            "feasible": meets_cost_limits(t),
             "constraints": t.user_attrs.get("constraints"),
             "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),
             "train_images": t.user_attrs.get("train_images", 0),
