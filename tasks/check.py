@@ -18,12 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import PipelineConfig, load_pipeline, pipelines_path, resolve_project_paths
-from tasks.errors import ConfigError, DeviceError, ModelLoadError
+from tasks.errors import ConfigError, DeviceError, ModelLoadError, ModelNotRegisteredError
 
 # The stages apply a plan by phase (compress: structure ops; fine-tune: train ops; then post ops).
 PHASES = ("structure", "train", "post")
 WEIGHTS_URI = re.compile(r"^(models:/[^/@\s]+(@[A-Za-z0-9_.-]+|/\d+)|runs:/[0-9a-zA-Z]+/\S+)$")
 TCP_TIMEOUT_S = 5.0
+
+
+# A checked line that is no problem now but a condition the pipeline waits for (it cannot run by hand yet).
+WAITING = "waiting: "
 
 
 def check_pipeline(
@@ -232,7 +236,15 @@ def _check_weights_uri(cfg: PipelineConfig, model: Any, uri: str, workspace: str
     from tasks.models.sources import resolve_base
     from tasks.workspace import project_workspace
 
-    base = resolve_base(cfg.model, project_workspace(workspace, config_path))
+    try:
+        base = resolve_base(cfg.model, project_workspace(workspace, config_path))
+    except ModelNotRegisteredError as e:
+        schedule = cfg.schedule
+        if getattr(schedule, "model_alias", None) != uri:
+            raise
+        # the pipeline runs when that alias moves: before its producer registers it, nothing is wrong
+        return (f"{WAITING}weights {uri} are not registered yet; this pipeline is scheduled on that alias "
+                f"(schedule.model_alias), so its producer's registration starts it. {e}")
     load_weights_strict(model, base.state_dict(), source=base.resolved)
     return f"weights {uri} -> {base.resolved} (sha256 {base.sha256[:12]}): match the model"
 

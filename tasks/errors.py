@@ -21,6 +21,10 @@ class ModelLoadError(ShrinkflowError):
     """A model factory, weights file or checkpoint cannot be loaded or does not match."""
 
 
+class ModelNotRegisteredError(ModelLoadError):
+    """model.weights names a registered model or alias the MLflow registry does not hold (yet)."""
+
+
 class ArtifactError(ShrinkflowError):
     """A stage's input artifact is missing, corrupt or from another model."""
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from tasks.errors import ModelLoadError, ServiceError
+from tasks.errors import ModelLoadError, ModelNotRegisteredError, ServiceError
 from tasks.models.sources import ResolvedBase, read_artifact, register_source, state_dict_sha256
 from tasks.services import redact
 
@@ -173,7 +173,7 @@ def resolve_models(weights: str, root: Path, tracking_uri: str | None = None) ->
     rm = _lookup(lambda: client.get_registered_model(name), uri, weights)
     if rm is None:
         known = [r.name for r in _lookup(lambda: client.search_registered_models(max_results=50), uri, weights) or []]
-        raise ModelLoadError(
+        raise ModelNotRegisteredError(
             f"{weights}: no registered model {name!r} in the registry at {redact(uri)} (it has: "
             f"{', '.join(sorted(known)) or 'none'}). Fix the name, or register the base first: "
             "`shrinkflow register-base <weights> --name NAME --alias production`"
@@ -184,7 +184,7 @@ def resolve_models(weights: str, root: Path, tracking_uri: str | None = None) ->
         aliases = dict(rm.aliases or {})
         if alias not in aliases:
             have = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
-            raise ModelLoadError(
+            raise ModelNotRegisteredError(
                 f"{weights}: registered model {name!r} has no alias {alias!r}; its aliases: {have}. Use one of "
                 f"them or a version (models:/{name}/<version>; versions: {versions or 'none'}), or set the alias: "
                 f"MlflowClient().set_registered_model_alias({name!r}, {alias!r}, <version>)"

@@ -13,9 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.check import check_pipeline
+from tasks.check import WAITING, check_pipeline
 from tasks.cli import main
-from tasks.errors import ConfigError, DatasetError, ModelLoadError, ServiceError, TransientError
+from tasks.errors import (
+    ConfigError,
+    DatasetError,
+    ModelLoadError,
+    ModelNotRegisteredError,
+    ServiceError,
+    TransientError,
+)
 from tasks.services import check_database, check_mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -298,6 +305,26 @@ def test_relative_data_path_counts_from_the_pipelines_file(tmp_path, monkeypatch
     assert f"data image_folder ({tmp_path / 'team' / 'pictures'}): images 1x8x8, 2 classes" in lines
 
 
+def test_weights_a_pipeline_is_scheduled_on_are_waited_for_not_an_error(tmp_path, workspace, capsys):
+    """Before its producer registers the alias it runs on, a pipeline scheduled on that alias is waiting,
+    not broken: check says so and goes on (exit 0); the same missing model without that schedule, or a
+    model it is not scheduled on, stays an error."""
+    weights = {**BASE["model"], "weights": "models:/digits@production"}
+    cfg = write_pipeline(tmp_path, model=weights, schedule={"model_alias": "models:/digits@production"})
+    lines = check_pipeline("p", cfg, services=False, workspace=workspace)
+    (wait,) = [line for line in lines if line.startswith(WAITING)]
+    assert "models:/digits@production are not registered yet" in wait and "register-base" in wait
+    assert any(line.startswith("compression plan:") for line in lines)  # the checks after it still ran
+    assert main(["--config", str(cfg), "--workspace", str(workspace), "check", "p", "--no-services"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("- waiting: weights models:/digits@production") for line in out)
+    assert out[-1] == "pipeline 'p': ready to run once what it waits for is there (a run before that fails)"
+    for schedule in (None, {"model_alias": "models:/digits@staging"}):
+        cfg = write_pipeline(tmp_path, model=weights, schedule=schedule)
+        with pytest.raises(ModelNotRegisteredError, match="no registered model 'digits'"):
+            check_pipeline("p", cfg, services=False, workspace=workspace)
+
+
 def test_cli_check_prints_each_line_and_exits_2_on_a_problem(tmp_path, workspace, capsys):
     cfg = write_pipeline(tmp_path)
     assert main(["--config", str(cfg), "check", "p"]) == 0
@@ -313,8 +340,11 @@ def test_cli_check_prints_each_line_and_exits_2_on_a_problem(tmp_path, workspace
     assert captured.err.startswith("shrinkflow: error: pipeline 'p': targets: unknown device 'tpu_v9'")
 
 
-def test_shipped_pipelines_pass_the_offline_check():
+def test_shipped_pipelines_pass_the_offline_check(workspace):
     assert len(check_pipeline("digits_tiny", REPO / "pipelines.yaml", services=False)) >= 6
+    # on a fresh workspace the registered-base example waits for dags/example_train_base.py's registration
+    lines = check_pipeline("digits_registered", REPO / "pipelines.yaml", services=False, workspace=workspace)
+    assert [line for line in lines if line.startswith(WAITING)]
 
 
 def test_search_workers_need_a_server_storage(tmp_path, workspace, monkeypatch):
