@@ -36,12 +36,15 @@ def check_pipeline(
     *,
     workspace: str | os.PathLike | None = None,
     services: bool = True,
+    allow_waiting: bool = False,
     overrides: dict[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Check one pipeline; returns the lines checked (each also passed to `echo`), raises on the first problem.
 
     services: False skips the network (study storage, MLflow server, RPC devices).
+    allow_waiting: a condition the pipeline's schedule waits for (the registry alias it runs on, not yet
+    registered) is a `WAITING` line instead of an error; `shrinkflow check` allows it, a run does not.
     """
     lines: list[str] = []
 
@@ -70,7 +73,7 @@ def check_pipeline(
     if base is not None:
         ok(f"weights: held by model {cfg.model.label()} (sha256 {base.sha256[:12]})")
     else:
-        ok(_check_weights(cfg, model, workspace, config_path))
+        ok(_check_weights(cfg, model, workspace, config_path, allow_waiting))
     ok(_check_plan(cfg, model, probe))
     if services:
         from tasks.workspace import project_workspace
@@ -210,7 +213,7 @@ def _size_hint(cfg: PipelineConfig, shape: list[int]) -> str:
 
 
 def _check_weights(cfg: PipelineConfig, model: Any, workspace: str | os.PathLike | None,
-                   config_path: str | os.PathLike | None) -> str:
+                   config_path: str | os.PathLike | None, allow_waiting: bool = False) -> str:
     """model.weights: a file whose state_dict fits the model, or a well-formed MLflow URI."""
     from tasks.models.checkpoint import load_weights_strict
     from tasks.models.user import read_weights
@@ -224,13 +227,13 @@ def _check_weights(cfg: PipelineConfig, model: Any, workspace: str | os.PathLike
                 f"{_where(cfg)}: model.weights {weights!r} is not a valid MLflow URI; write "
                 "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<path>"
             )
-        return _check_weights_uri(cfg, model, weights, workspace, config_path)
+        return _check_weights_uri(cfg, model, weights, workspace, config_path, allow_waiting)
     load_weights_strict(model, read_weights(weights), source=weights)
     return f"weights {weights}: match the model"
 
 
 def _check_weights_uri(cfg: PipelineConfig, model: Any, uri: str, workspace: str | os.PathLike | None,
-                       config_path: str | os.PathLike | None) -> str:
+                       config_path: str | os.PathLike | None, allow_waiting: bool = False) -> str:
     """Weights held by MLflow: resolved (alias -> version, downloaded once to the workspace cache) and matched."""
     from tasks.models.checkpoint import load_weights_strict
     from tasks.models.sources import resolve_base
@@ -240,7 +243,7 @@ def _check_weights_uri(cfg: PipelineConfig, model: Any, uri: str, workspace: str
         base = resolve_base(cfg.model, project_workspace(workspace, config_path))
     except ModelNotRegisteredError as e:
         schedule = cfg.schedule
-        if getattr(schedule, "model_alias", None) != uri:
+        if not allow_waiting or getattr(schedule, "model_alias", None) != uri:
             raise
         # the pipeline runs when that alias moves: before its producer registers it, nothing is wrong
         return (f"{WAITING}weights {uri} are not registered yet; this pipeline is scheduled on that alias "

@@ -54,7 +54,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from tasks.check import WAITING, check_pipeline
 
     lines = check_pipeline(args.pipeline, args.config, workspace=args.workspace, services=not args.no_services,
-                           echo=lambda line: print(f"{'-' if line.startswith(WAITING) else chr(0x2713)} {line}",
+                           allow_waiting=True, echo=lambda line: print(f"{'-' if line.startswith(WAITING) else chr(0x2713)} {line}",
                                                    flush=True))
     if any(line.startswith(WAITING) for line in lines):
         print(f"pipeline {args.pipeline!r}: ready to run once what it waits for is there (a run before that fails)")

@@ -307,11 +307,16 @@ def test_relative_data_path_counts_from_the_pipelines_file(tmp_path, monkeypatch
 
 def test_weights_a_pipeline_is_scheduled_on_are_waited_for_not_an_error(tmp_path, workspace, capsys):
     """Before its producer registers the alias it runs on, a pipeline scheduled on that alias is waiting,
-    not broken: check says so and goes on (exit 0); the same missing model without that schedule, or a
-    model it is not scheduled on, stays an error."""
+    not broken: `shrinkflow check` says so and goes on (exit 0). A run still fails fast on it, and the
+    same missing model without that schedule, or on an alias it is not scheduled on, stays an error."""
     weights = {**BASE["model"], "weights": "models:/digits@production"}
     cfg = write_pipeline(tmp_path, model=weights, schedule={"model_alias": "models:/digits@production"})
-    lines = check_pipeline("p", cfg, services=False, workspace=workspace)
+    # a run checks without allow_waiting: it cannot start on weights that are not there
+    with pytest.raises(ModelNotRegisteredError, match="no registered model 'digits'"):
+        check_pipeline("p", cfg, services=False, workspace=workspace)
+    assert "no registered model 'digits'" in run_no_airflow(capsys, cfg, workspace)
+    assert_nothing_ran(workspace)
+    lines = check_pipeline("p", cfg, services=False, workspace=workspace, allow_waiting=True)
     (wait,) = [line for line in lines if line.startswith(WAITING)]
     assert "models:/digits@production are not registered yet" in wait and "register-base" in wait
     assert any(line.startswith("compression plan:") for line in lines)  # the checks after it still ran
@@ -322,7 +327,7 @@ def test_weights_a_pipeline_is_scheduled_on_are_waited_for_not_an_error(tmp_path
     for schedule in (None, {"model_alias": "models:/digits@staging"}):
         cfg = write_pipeline(tmp_path, model=weights, schedule=schedule)
         with pytest.raises(ModelNotRegisteredError, match="no registered model 'digits'"):
-            check_pipeline("p", cfg, services=False, workspace=workspace)
+            check_pipeline("p", cfg, services=False, workspace=workspace, allow_waiting=True)
 
 
 def test_cli_check_prints_each_line_and_exits_2_on_a_problem(tmp_path, workspace, capsys):
@@ -343,7 +348,8 @@ def test_cli_check_prints_each_line_and_exits_2_on_a_problem(tmp_path, workspace
 def test_shipped_pipelines_pass_the_offline_check(workspace):
     assert len(check_pipeline("digits_tiny", REPO / "pipelines.yaml", services=False)) >= 6
     # on a fresh workspace the registered-base example waits for dags/example_train_base.py's registration
-    lines = check_pipeline("digits_registered", REPO / "pipelines.yaml", services=False, workspace=workspace)
+    lines = check_pipeline("digits_registered", REPO / "pipelines.yaml", services=False, workspace=workspace,
+                           allow_waiting=True)
     assert [line for line in lines if line.startswith(WAITING)]
 
 
